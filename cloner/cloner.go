@@ -1,0 +1,197 @@
+// Package cloner is the if_clone layer of cdevfs: it turns names into
+// units, creates and destroys interfaces through a Backend, and serializes
+// both per cloner so that two racing creators of one name never both
+// succeed and a destroy never races a create of the same unit (seeds 000
+// and 004).
+//
+// Lock order: Cloner.mu → devnode.Registry.mu → devnode.Node.mu.
+package cloner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/cdevfs/cdevfs/devnode"
+)
+
+// Cloner creates the tunN (or tapN) interfaces of one kind on demand.
+type Cloner struct {
+	kind Kind
+	be   Backend
+	reg  *devnode.Registry
+	max  int
+	log  *slog.Logger
+
+	// mu is the cloner lock (OpenBSD's if_cloners_lock, seed 000): it is
+	// held across unit allocation, interface creation and node publication,
+	// and across unlink, interface deletion and unit release, so each is
+	// atomic to the others. It guards units.
+	mu    sync.Mutex
+	units map[int]bool // units in use: a node exists or is being made
+}
+
+// New returns a cloner for kind and registers it as a clone handler.
+func New(kind Kind, be Backend, reg *devnode.Registry, maxUnit int, log *slog.Logger) *Cloner {
+	if maxUnit <= 0 {
+		maxUnit = DefaultMaxUnit
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	c := &Cloner{kind: kind, be: be, reg: reg, max: maxUnit, log: log, units: make(map[int]bool)}
+	reg.AddCloner(c.Clone)
+	return c
+}
+
+// Kind is the kind of interface this cloner makes.
+func (c *Cloner) Kind() Kind { return c.kind }
+
+// UnitsInUse is the number of allocated units (for tests and metrics).
+func (c *Cloner) UnitsInUse() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.units)
+}
+
+// Clone is the clone handler (devnode.CloneFunc): the bare prefix creates
+// the lowest free unit, "prefixN" creates unit N. The node is returned
+// with a reference for the caller.
+func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.Node, error) {
+	unit, wildcard, ok := ParseName(c.kind.Prefix(), name, c.max)
+	if !ok {
+		return nil, devnode.ErrNotFound
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !wildcard {
+		if c.units[unit] {
+			// A node of this name exists: a racing creator got it first
+			// (the caller's Get missed it). Under c.mu the node is still
+			// linked and holds the registry's reference, so hand it out
+			// with a reference for the caller, like tunclone() does for
+			// an existing device (seeds 000, 002). It cannot be given
+			// out already open, though.
+			if !open {
+				if n, err := c.reg.Get(name); err == nil {
+					return n, nil
+				}
+			}
+			return nil, fmt.Errorf("cloner: %s: %w", name, syscall.EEXIST)
+		}
+		return c.createLocked(unit, open)
+	}
+	// Lowest free unit. A unit whose name some other device already has
+	// in the kernel is skipped, not leaked: it stays free (seed 004).
+	for u := 0; u <= c.max; u++ {
+		if c.units[u] {
+			continue
+		}
+		n, err := c.createLocked(u, open)
+		if errors.Is(err, syscall.EEXIST) {
+			continue
+		}
+		return n, err
+	}
+	return nil, fmt.Errorf("cloner: no free %s unit: %w", c.kind.Prefix(), syscall.ENOSPC)
+}
+
+// createLocked makes unit u; the unit is marked used only if a node is
+// published, so a failed create never leaks it. Called with c.mu held.
+func (c *Cloner) createLocked(u int, open bool) (*devnode.Node, error) {
+	name := fmt.Sprintf("%s%d", c.kind.Prefix(), u)
+	link, err := c.be.Create(name, c.kind, open)
+	if err != nil {
+		return nil, fmt.Errorf("cloner: create %s: %w", name, err)
+	}
+	d := &device{c: c, unit: u, link: link}
+	n, err := c.reg.Make(name, d, open)
+	if err != nil {
+		_ = link.Delete()
+		_ = link.Close()
+		return nil, fmt.Errorf("cloner: publish %s: %w", name, err)
+	}
+	d.node.Store(n)
+	c.units[u] = true
+	c.log.Info("create", "unit", name)
+	return n, nil
+}
+
+// device is the devnode.Device of one interface.
+type device struct {
+	c    *Cloner
+	unit int
+	link Link
+	node atomic.Pointer[devnode.Node] // set once, right after Make
+}
+
+var (
+	_ devnode.Device = (*device)(nil)
+	_ devnode.IO     = (*device)(nil)
+)
+
+func (d *device) Open(ctx context.Context) error {
+	err := d.link.Attach(ctx)
+	if errors.Is(err, ErrGone) {
+		d.gone()
+		return fmt.Errorf("cloner: %s: %w", d.link.Name(), syscall.ENXIO)
+	}
+	return err
+}
+
+// Close is tunclose() without the destroy: set down, detach, keep.
+func (d *device) Close() error { return d.link.Detach() }
+
+func (d *device) Revoke() { d.link.Wake() }
+
+// Destroy deletes the interface and frees its unit under the cloner lock,
+// unlinking the node in the same critical section (seed 004).
+func (d *device) Destroy(unlink func()) error {
+	d.c.mu.Lock()
+	defer d.c.mu.Unlock()
+	unlink()
+	err := d.link.Delete()
+	delete(d.c.units, d.unit)
+	d.c.log.Info("destroy", "unit", d.link.Name())
+	return err
+}
+
+func (d *device) Release() { _ = d.link.Close() }
+
+func (d *device) Read(ctx context.Context, p []byte, nonblock bool) (int, error) {
+	n, err := d.link.Read(ctx, p, nonblock)
+	return n, d.check(err)
+}
+
+func (d *device) Write(ctx context.Context, p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if len(p) > MaxPacket {
+		return 0, fmt.Errorf("cloner: %d-byte packet over the MRU: %w", len(p), syscall.EIO)
+	}
+	n, err := d.link.Write(ctx, p)
+	return n, d.check(err)
+}
+
+// check turns a vanished interface into ENXIO and schedules the node's
+// destroy: the kernel deleted the interface (ip link del), so the node
+// is revoked like any destroyed one.
+func (d *device) check(err error) error {
+	if errors.Is(err, ErrGone) {
+		d.gone()
+		return fmt.Errorf("cloner: %s: %w", d.link.Name(), syscall.ENXIO)
+	}
+	return err
+}
+
+func (d *device) gone() {
+	if n := d.node.Load(); n != nil {
+		d.c.log.Info("revoke", "unit", n.Name(), "reason", "interface deleted outside cdevfs")
+		d.c.reg.DestroySched(n)
+	}
+}

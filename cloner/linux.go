@@ -1,0 +1,341 @@
+//go:build linux
+
+package cloner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Linux is the Backend on real tun/tap interfaces.
+//
+// It does not use github.com/songgao/water: water cannot ask for an
+// exclusive create (IFF_TUN_EXCL) and always writes TUNSETPERSIST, so it
+// would silently attach to, then un-persist, an interface an administrator
+// made. Creation and attachment are therefore done here with x/sys ioctls;
+// link state and deletion go through github.com/vishvananda/netlink.
+type Linux struct {
+	nl *netlink.Handle
+}
+
+// NewLinux returns a backend working in the calling thread's network
+// namespace.
+func NewLinux() (*Linux, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("cloner: netlink: %w", err)
+	}
+	return &Linux{nl: h}, nil
+}
+
+// Close releases the netlink socket.
+func (b *Linux) Close() { b.nl.Close() }
+
+func kindFlags(k Kind) uint16 {
+	if k == Tap {
+		return unix.IFF_TAP | unix.IFF_NO_PI
+	}
+	return unix.IFF_TUN | unix.IFF_NO_PI
+}
+
+// tunSetIff opens /dev/net/tun (nonblocking, so reads go through Go's
+// poller and a blocked read holds no thread) and binds it to name.
+func tunSetIff(name string, flags uint16) (*os.File, error) {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open /dev/net/tun: %w", err)
+	}
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	ifr.SetUint16(flags)
+	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("TUNSETIFF %s: %w", name, err)
+	}
+	return os.NewFile(uintptr(fd), "tun:"+name), nil
+}
+
+// Create implements Backend: TUNSETIFF with IFF_TUN_EXCL, so an existing
+// device of that name (ours, an administrator's, or not a tun at all) is
+// never attached to; then TUNSETPERSIST so the interface outlives its fd
+// like a FreeBSD tun outlives its last close.
+func (b *Linux) Create(name string, kind Kind, attach bool) (Link, error) {
+	f, err := tunSetIff(name, kindFlags(kind)|unix.IFF_TUN_EXCL)
+	if errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EEXIST) {
+		return nil, fmt.Errorf("%w (%v)", syscall.EEXIST, err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	l := &linuxLink{b: b, name: name, kind: kind, woken: make(chan struct{}), readSem: make(chan struct{}, 1)}
+	if err := ioctlInt(f, unix.TUNSETPERSIST, 1); err != nil {
+		f.Close() // not persistent yet: closing removes it
+		return nil, fmt.Errorf("TUNSETPERSIST %s: %w", name, err)
+	}
+	link, err := b.nl.LinkByName(name)
+	if err != nil {
+		_ = ioctlInt(f, unix.TUNSETPERSIST, 0)
+		f.Close()
+		return nil, fmt.Errorf("look up %s: %w", name, err)
+	}
+	l.index = link.Attrs().Index
+	if attach {
+		l.f = f
+	} else {
+		f.Close()
+	}
+	return l, nil
+}
+
+func ioctlInt(f *os.File, req uint, v int) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ierr error
+	if err := rc.Control(func(fd uintptr) { ierr = unix.IoctlSetInt(int(fd), req, v) }); err != nil {
+		return err
+	}
+	return ierr
+}
+
+type linuxLink struct {
+	b     *Linux
+	name  string
+	kind  Kind
+	index int // the kernel's ifindex: survives a rename, not a re-create
+
+	// readSem lets one reader at a time block in f.Read, so a deadline set
+	// to wake it (interrupt or revoke) can only hit that reader.
+	readSem chan struct{}
+	woken   chan struct{} // closed by Wake
+	wake    sync.Once
+
+	mu sync.Mutex // guards f
+	f  *os.File   // attached fd while open, nil while closed
+}
+
+func (l *linuxLink) Name() string { return l.name }
+
+func (l *linuxLink) file() (*os.File, error) {
+	select {
+	case <-l.woken:
+		return nil, ErrRevoked
+	default:
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f == nil {
+		return nil, fmt.Errorf("cloner: %s is not attached: %w", l.name, syscall.EBADF)
+	}
+	return l.f, nil
+}
+
+// Attach implements Link. The interface is found by ifindex, so a renamed
+// interface still attaches (FreeBSD PR 235704). TUNSETIFF without
+// IFF_TUN_EXCL would create a fresh interface if ours was deleted in the
+// meantime: the persist flag and the ifindex tell, and such an accidental
+// interface is closed at once, which removes it.
+func (l *linuxLink) Attach(ctx context.Context) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f != nil {
+		return nil
+	}
+	link, err := l.b.nl.LinkByIndex(l.index)
+	if err != nil {
+		return ErrGone
+	}
+	name := link.Attrs().Name
+	f, err := tunSetIff(name, kindFlags(l.kind))
+	if errors.Is(err, unix.EBUSY) {
+		return fmt.Errorf("cloner: %s is attached elsewhere: %w", name, syscall.EBUSY)
+	}
+	if err != nil {
+		return ErrGone
+	}
+	flags, err := tunFlags(f)
+	if err != nil || flags&unix.IFF_PERSIST == 0 {
+		f.Close()
+		return ErrGone
+	}
+	if now, err := l.b.nl.LinkByName(name); err != nil || now.Attrs().Index != l.index {
+		f.Close()
+		return ErrGone
+	}
+	l.f = f
+	return nil
+}
+
+func tunFlags(f *os.File) (uint16, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	ifr, _ := unix.NewIfreq("")
+	var ierr error
+	if err := rc.Control(func(fd uintptr) { ierr = unix.IoctlIfreq(int(fd), unix.TUNGETIFF, ifr) }); err != nil {
+		return 0, err
+	}
+	return ifr.Uint16(), ierr
+}
+
+// Detach implements Link: link down, then close the fd (like tunclose()).
+func (l *linuxLink) Detach() error {
+	l.mu.Lock()
+	f := l.f
+	l.f = nil
+	l.mu.Unlock()
+	var err error
+	if link, lerr := l.b.nl.LinkByIndex(l.index); lerr == nil {
+		err = l.b.nl.LinkSetDown(link)
+	}
+	if f != nil {
+		f.Close()
+	}
+	return err
+}
+
+var longAgo = time.Unix(1, 0)
+
+// Read implements Link. A blocked read waits in Go's poller; to end it
+// early (FUSE interrupt, revoke) the waker first records why (ctx done,
+// woken closed) and then sets a read deadline in the past. The reader
+// clears the deadline before it checks why, so a wake that lands between
+// the check and the read still ends the read.
+func (l *linuxLink) Read(ctx context.Context, p []byte, nonblock bool) (int, error) {
+	f, err := l.file()
+	if err != nil {
+		return 0, err
+	}
+	if nonblock {
+		return l.readOnce(f, p)
+	}
+	select {
+	case l.readSem <- struct{}{}:
+	case <-l.woken:
+		return 0, ErrRevoked
+	case <-ctx.Done():
+		return 0, syscall.EINTR
+	}
+	defer func() { <-l.readSem }()
+	stop := context.AfterFunc(ctx, func() { _ = f.SetReadDeadline(longAgo) })
+	defer stop()
+	for {
+		_ = f.SetReadDeadline(time.Time{})
+		select {
+		case <-l.woken:
+			return 0, ErrRevoked
+		default:
+		}
+		if ctx.Err() != nil {
+			return 0, syscall.EINTR
+		}
+		n, err := f.Read(p)
+		switch {
+		case err == nil:
+			return n, nil
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			continue
+		case errors.Is(err, io.EOF), errors.Is(err, unix.EBADFD):
+			// The kernel shut our queue down: the interface was deleted.
+			return 0, ErrGone
+		case errors.Is(err, os.ErrClosed):
+			return 0, ErrRevoked
+		default:
+			return 0, err
+		}
+	}
+}
+
+// readOnce is the O_NONBLOCK read: one read(2), EAGAIN if nothing is queued.
+func (l *linuxLink) readOnce(f *os.File, p []byte) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0, ErrRevoked
+	}
+	var n int
+	var rerr error
+	if err := rc.Read(func(fd uintptr) bool {
+		n, rerr = unix.Read(int(fd), p)
+		return true
+	}); err != nil {
+		return 0, ErrRevoked
+	}
+	switch {
+	case rerr == nil && n == 0 && len(p) > 0, errors.Is(rerr, unix.EBADFD):
+		return 0, ErrGone
+	case rerr != nil:
+		return 0, rerr
+	}
+	return n, nil
+}
+
+// Write implements Link: one packet, one write(2).
+func (l *linuxLink) Write(ctx context.Context, p []byte) (int, error) {
+	f, err := l.file()
+	if err != nil {
+		return 0, err
+	}
+	n, err := f.Write(p)
+	switch {
+	case err == nil:
+		return n, nil
+	case errors.Is(err, unix.EBADFD):
+		return 0, ErrGone
+	case errors.Is(err, os.ErrClosed):
+		return 0, ErrRevoked
+	}
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return n, pe.Err
+	}
+	return n, err
+}
+
+// Wake implements Link.
+func (l *linuxLink) Wake() {
+	l.wake.Do(func() { close(l.woken) })
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f != nil {
+		_ = l.f.SetReadDeadline(longAgo)
+	}
+}
+
+// Delete implements Link: RTM_DELLINK by ifindex, so a renamed interface
+// is still the one deleted; an interface already gone is not an error.
+func (l *linuxLink) Delete() error {
+	link, err := l.b.nl.LinkByIndex(l.index)
+	if err != nil {
+		return nil
+	}
+	if err := l.b.nl.LinkDel(link); err != nil && !errors.Is(err, unix.ENODEV) {
+		return fmt.Errorf("delete %s: %w", l.name, err)
+	}
+	return nil
+}
+
+// Close implements Link.
+func (l *linuxLink) Close() error {
+	l.mu.Lock()
+	f := l.f
+	l.f = nil
+	l.mu.Unlock()
+	if f != nil {
+		return f.Close()
+	}
+	return nil
+}

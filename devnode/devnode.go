@@ -1,0 +1,595 @@
+// Package devnode is the cdev layer of cdevfs: a registry of named device
+// nodes with FreeBSD devfs semantics.
+//
+//   - References (dev_ref/dev_rel): a node's Device is released (its fd
+//     closed) only after the last reference is dropped. Who holds one:
+//     the registry while the name is linked; every caller of Lookup or
+//     Clone until it calls Rel; every open handle from Open to Close.
+//   - In-flight operations (si_threadcount): every device method runs
+//     between Enter and Exit. Destroy waits for the count to drain.
+//   - Destroy is a barrier (destroy_dev): mark dying, revoke, drain, unlink,
+//     destroy the backing object, drop the registry's reference.
+//   - DestroySched defers that barrier to a worker (destroy_dev_sched), for
+//     callers that are themselves an in-flight operation (a last close).
+//   - Clone handlers (dev_clone) create a node for a name on demand and
+//     return it with one reference held for the caller (MAKEDEV_REF, seed
+//     002), so the node cannot be destroyed between publication and use.
+//
+// Lock order: a cloner's own lock (outside this package) → Registry.mu →
+// Node.mu. Device methods are never called with Registry.mu or Node.mu held.
+package devnode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+)
+
+// Device is the driver side of a node (cdevsw and softc together).
+// Implementations must be safe for concurrent use.
+type Device interface {
+	// Open attaches an opener. devnode guarantees exclusivity: Open is
+	// never called while the node is already open.
+	Open(ctx context.Context) error
+	// Close detaches the last opener (like tunclose(): link down, keep).
+	Close() error
+	// Revoke wakes every blocked operation; from then on they fail with
+	// ENXIO. It must not block.
+	Revoke()
+	// Destroy removes the backing object. It must call unlink while
+	// holding whatever serializes creation of the same name, so that a
+	// creator never sees the name half freed (seed 004).
+	Destroy(unlink func()) error
+	// Release frees what the device holds (its fd). Called once, when the
+	// last reference is dropped.
+	Release()
+}
+
+// IO is implemented by devices that carry data, one packet per call.
+// Read blocks unless nonblock; ctx ending ends it with EINTR.
+type IO interface {
+	Read(ctx context.Context, p []byte, nonblock bool) (int, error)
+	Write(ctx context.Context, p []byte) (int, error)
+}
+
+// Flags is a node's state. All of it lives in Node.flags under Node.mu.
+type Flags uint32
+
+const (
+	// FlagOpen: an opener holds the node (TUN_OPEN); opens are exclusive.
+	FlagOpen Flags = 1 << iota
+	// FlagDying: destroy has begun (TUN_DYING / seed 001's si_drv1
+	// sentinel); new operations fail with ENXIO.
+	FlagDying
+	// FlagTransient: destroy on last close (TUNSTRANSIENT, seed 003).
+	FlagTransient
+	// FlagGone: destroy finished; the name is unlinked.
+	FlagGone
+)
+
+// Errors returned by this package; Errno maps them for the FUSE boundary.
+var (
+	ErrNotFound = fmt.Errorf("devnode: no such node: %w", syscall.ENOENT)
+	ErrBusy     = fmt.Errorf("devnode: node is open: %w", syscall.EBUSY)
+	ErrDying    = fmt.Errorf("devnode: node is being destroyed: %w", syscall.ENXIO)
+	ErrExists   = fmt.Errorf("devnode: name exists: %w", syscall.EEXIST)
+	ErrClosed   = fmt.Errorf("devnode: registry is shut down: %w", syscall.ENXIO)
+)
+
+// Node is one named device.
+type Node struct {
+	name string
+	ino  uint64
+	reg  *Registry
+	dev  Device
+
+	// refs counts references (see the package comment for the owners).
+	// Zero means released: TryRef fails, never resurrects.
+	refs atomic.Int64
+
+	mu      sync.Mutex // guards flags, busy, destroyed
+	flags   Flags
+	busy    int           // in-flight operations (si_threadcount)
+	drained chan struct{} // closed and replaced when busy drops to 0 while dying
+	// abandoned is closed and replaced when a destroy gives up (EINTR), so
+	// a destroy waiting for that one can take over.
+	abandoned chan struct{}
+	// destroyed is closed when the destroy barrier has finished.
+	destroyed chan struct{}
+}
+
+// Name is the node's name in the registry, e.g. "tun3".
+func (n *Node) Name() string { return n.name }
+
+// Ino is a number unique to this node for the registry's life: a node
+// recreated under the same name gets a new one, so stale kernel inodes
+// never alias a fresh device.
+func (n *Node) Ino() uint64 { return n.ino }
+
+// Device returns the node's driver.
+func (n *Node) Device() Device { return n.dev }
+
+// Flags returns a snapshot of the node's state.
+func (n *Node) Flags() Flags {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.flags
+}
+
+// Refs returns the current reference count (for tests and metrics).
+func (n *Node) Refs() int64 { return n.refs.Load() }
+
+// TryRef takes a reference unless the node has already been released.
+// A CAS loop, never "check then increment" (gVisor's TryIncRef).
+func (n *Node) TryRef() bool {
+	for {
+		r := n.refs.Load()
+		if r <= 0 {
+			return false
+		}
+		if n.refs.CompareAndSwap(r, r+1) {
+			return true
+		}
+	}
+}
+
+// Rel drops a reference (dev_rel); the last one releases the device.
+func (n *Node) Rel() {
+	switch r := n.refs.Add(-1); {
+	case r == 0:
+		n.dev.Release()
+		n.reg.live.Add(-1)
+	case r < 0:
+		panic(fmt.Sprintf("devnode: %s: reference count below zero", n.name))
+	}
+}
+
+// Enter starts an in-flight operation; it fails with ErrDying once destroy
+// has begun. Every Enter that succeeds must be paired with Exit.
+func (n *Node) Enter() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.flags&(FlagDying|FlagGone) != 0 {
+		return ErrDying
+	}
+	n.busy++
+	return nil
+}
+
+// Exit ends an in-flight operation and wakes a destroy waiting to drain.
+func (n *Node) Exit() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.busy--
+	if n.busy < 0 {
+		panic(fmt.Sprintf("devnode: %s: in-flight count below zero", n.name))
+	}
+	if n.busy == 0 {
+		close(n.drained)
+		n.drained = make(chan struct{})
+	}
+}
+
+// Open marks the node open and attaches the caller to the device. The
+// caller must hold a reference, which the open handle then owns until
+// Close. A second open is ErrBusy; an open of a dying node is ErrDying,
+// never a half-dead handle (seed 001).
+func (n *Node) Open(ctx context.Context) error {
+	if err := n.Enter(); err != nil {
+		return err
+	}
+	defer n.Exit()
+	n.mu.Lock()
+	if n.flags&FlagOpen != 0 {
+		n.mu.Unlock()
+		return ErrBusy
+	}
+	n.flags |= FlagOpen
+	n.mu.Unlock()
+	if err := n.dev.Open(ctx); err != nil {
+		n.mu.Lock()
+		n.flags &^= FlagOpen
+		n.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// Close is the last close of an open node: like tunclose() it detaches
+// and keeps the device, unless the node is transient, in which case the
+// node dies at once (new opens fail with ENXIO) and the destroy is queued
+// to the registry's worker so that the closing thread never waits on it
+// (seed 001). Close does not drop the handle's reference: the caller does.
+func (n *Node) Close() error {
+	n.mu.Lock()
+	dying := n.flags&(FlagDying|FlagGone) != 0
+	transient := n.flags&FlagTransient != 0
+	if dying || transient {
+		n.flags &^= FlagOpen
+	}
+	if transient && !dying {
+		// Dying in the same critical section that ends the open, so no
+		// opener can slip in between and get a half-dead handle (seed 001).
+		n.flags |= FlagDying
+	}
+	n.mu.Unlock()
+	if dying {
+		return nil // destroy owns the device now
+	}
+	if transient {
+		n.reg.schedDying(n)
+		return nil
+	}
+	if err := n.Enter(); err != nil {
+		n.clearOpen()
+		return nil // lost a race with destroy, which detaches for us
+	}
+	defer n.Exit()
+	// FlagOpen stays set until the device is detached: a new opener must
+	// not attach before this close detaches (it would detach the new one).
+	defer n.clearOpen()
+	return n.dev.Close()
+}
+
+func (n *Node) clearOpen() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.flags &^= FlagOpen
+}
+
+// SetTransient sets or clears the transient flag (TUNSTRANSIENT).
+func (n *Node) SetTransient(on bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if on {
+		n.flags |= FlagTransient
+	} else {
+		n.flags &^= FlagTransient
+	}
+}
+
+// Destroyed is closed once the node's destroy has finished.
+func (n *Node) Destroyed() <-chan struct{} { return n.destroyed }
+
+// markDying sets FlagDying; it reports false if destroy already began.
+func (n *Node) markDying() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.flags&(FlagDying|FlagGone) != 0 {
+		return false
+	}
+	n.flags |= FlagDying
+	return true
+}
+
+// Destroy is the destroy barrier (destroy_dev): mark dying, revoke, wait
+// for in-flight operations to drain, unlink the name, destroy the backing
+// object and drop the registry's reference. If another destroy is already
+// under way it waits for that one. If ctx ends while operations are still
+// in flight the destroy is abandoned with EINTR and the node lives on;
+// but if they have drained by then it proceeds, so a signal to a closer
+// whose destroy has drained does not abandon it (seed 001, tun_destroy()).
+func (n *Node) Destroy(ctx context.Context) error {
+	for {
+		n.mu.Lock()
+		began := n.flags&(FlagDying|FlagGone) != 0
+		if !began {
+			n.flags |= FlagDying
+		}
+		abandoned := n.abandoned
+		n.mu.Unlock()
+		if !began {
+			break
+		}
+		select {
+		case <-n.destroyed:
+			return nil
+		case <-abandoned:
+			// The destroy under way gave up: take it over.
+		case <-ctx.Done():
+			return fmt.Errorf("devnode: waiting for destroy of %s: %w", n.name, syscall.EINTR)
+		}
+	}
+	if err := n.revokeDrain(ctx); err != nil {
+		return err
+	}
+	return n.finish()
+}
+
+// revokeDrain wakes blocked operations and waits for in-flight ones.
+func (n *Node) revokeDrain(ctx context.Context) error {
+	n.dev.Revoke()
+	return n.drain(ctx)
+}
+
+// finish ends a drained destroy: unlink, destroy the backing object, mark
+// gone, drop the registry's reference.
+func (n *Node) finish() error {
+	n.reg.destroyHook(n)
+	err := n.dev.Destroy(func() { n.reg.unlink(n) })
+	n.mu.Lock()
+	n.flags |= FlagGone
+	n.flags &^= FlagDying | FlagOpen
+	n.mu.Unlock()
+	close(n.destroyed)
+	n.Rel() // the registry's reference
+	if err != nil {
+		return fmt.Errorf("devnode: destroy %s: %w", n.name, err)
+	}
+	return nil
+}
+
+// drain waits for busy to reach zero (the node is dying, so it only falls).
+func (n *Node) drain(ctx context.Context) error {
+	for {
+		n.mu.Lock()
+		if n.busy == 0 {
+			n.mu.Unlock()
+			return nil
+		}
+		ch := n.drained
+		n.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			n.mu.Lock()
+			if n.busy == 0 { // drained meanwhile: carry on (seed 001)
+				n.mu.Unlock()
+				return nil
+			}
+			n.flags &^= FlagDying
+			close(n.abandoned)
+			n.abandoned = make(chan struct{})
+			n.mu.Unlock()
+			return fmt.Errorf("devnode: destroy of %s abandoned with %d operations in flight: %w",
+				n.name, n.busy, syscall.EINTR)
+		}
+	}
+}
+
+// CloneFunc creates the node for name on demand (dev_clone). It returns
+// ErrNotFound when name is not its own, and otherwise a node made with
+// Registry.Make, with one reference held for the caller (MAKEDEV_REF).
+// open is true when the caller will open the node at once (the clone
+// node): the node is then made already open, so no racing opener by name
+// can take it first.
+type CloneFunc func(ctx context.Context, name string, open bool) (*Node, error)
+
+// Registry is the devfs name table.
+type Registry struct {
+	mu      sync.Mutex // guards nodes, cloners, closed
+	nodes   map[string]*Node
+	cloners []CloneFunc
+	closed  bool
+
+	nextIno atomic.Uint64
+	live    atomic.Int64 // nodes not yet released (for leak checks)
+
+	sched      chan *Node     // DestroySched queue
+	pending    sync.WaitGroup // scheduled destroys not yet finished
+	workerDone chan struct{}
+
+	// destroyHook runs before a node's backing object is destroyed (tests
+	// hold it to widen race windows).
+	destroyHook func(*Node)
+}
+
+// NewRegistry returns an empty registry with its DestroySched worker
+// running; Shutdown stops the worker.
+func NewRegistry() *Registry {
+	r := &Registry{
+		nodes:       make(map[string]*Node),
+		sched:       make(chan *Node, 256),
+		workerDone:  make(chan struct{}),
+		destroyHook: func(*Node) {},
+	}
+	r.nextIno.Store(1 << 32) // far from the static nodes' numbers
+	go r.worker()
+	return r
+}
+
+// SetDestroyHook installs a function run in every destroy after the drain
+// and before the backing object is destroyed. For tests.
+func (r *Registry) SetDestroyHook(f func(*Node)) { r.destroyHook = f }
+
+// AddCloner registers a clone handler (the dev_clone event handler).
+func (r *Registry) AddCloner(f CloneFunc) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.cloners = append(r.cloners, f)
+}
+
+// Make publishes a new node for dev under name. The node is returned with
+// two references: the registry's, and one for the caller (MAKEDEV_REF).
+// With open set the node starts open, owned by the caller's handle.
+func (r *Registry) Make(name string, dev Device, open bool) (*Node, error) {
+	n := &Node{
+		name:      name,
+		ino:       r.nextIno.Add(1),
+		reg:       r,
+		dev:       dev,
+		drained:   make(chan struct{}),
+		abandoned: make(chan struct{}),
+		destroyed: make(chan struct{}),
+	}
+	if open {
+		n.flags |= FlagOpen
+	}
+	n.refs.Store(2)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil, ErrClosed
+	}
+	if _, ok := r.nodes[name]; ok {
+		return nil, ErrExists
+	}
+	r.nodes[name] = n
+	r.live.Add(1)
+	return n, nil
+}
+
+// unlink removes n's name, if it is still n's.
+func (r *Registry) unlink(n *Node) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.nodes[n.name] == n {
+		delete(r.nodes, n.name)
+	}
+}
+
+// Get returns the node named name with a reference held for the caller,
+// without cloning. A dying node is returned too: opening it fails with
+// ENXIO, which is what a racing opener must see (seed 001).
+func (r *Registry) Get(name string) (*Node, error) {
+	r.mu.Lock()
+	n, ok := r.nodes[name]
+	r.mu.Unlock()
+	if !ok || !n.TryRef() {
+		return nil, ErrNotFound
+	}
+	return n, nil
+}
+
+// Lookup is Get, and on a miss asks the clone handlers to create the name.
+func (r *Registry) Lookup(ctx context.Context, name string) (*Node, error) {
+	if n, err := r.Get(name); err == nil {
+		return n, nil
+	}
+	return r.clone(ctx, name, false)
+}
+
+// Clone asks the clone handlers for a new node for name (a clone node's
+// name such as "tun" means "the lowest free unit"), made already open for
+// the caller.
+func (r *Registry) Clone(ctx context.Context, name string) (*Node, error) {
+	return r.clone(ctx, name, true)
+}
+
+func (r *Registry) clone(ctx context.Context, name string, open bool) (*Node, error) {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil, ErrClosed
+	}
+	cloners := r.cloners
+	r.mu.Unlock()
+	for _, c := range cloners {
+		n, err := c(ctx, name, open)
+		if errors.Is(err, ErrNotFound) {
+			continue
+		}
+		return n, err
+	}
+	return nil, ErrNotFound
+}
+
+// List returns the names of the live nodes (not dying, not gone), sorted.
+func (r *Registry) List() []*Node {
+	r.mu.Lock()
+	nodes := make([]*Node, 0, len(r.nodes))
+	for _, n := range r.nodes {
+		nodes = append(nodes, n)
+	}
+	r.mu.Unlock()
+	out := nodes[:0]
+	for _, n := range nodes {
+		if n.Flags()&(FlagDying|FlagGone) == 0 {
+			out = append(out, n)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
+	return out
+}
+
+// Live is the number of nodes made and not yet released.
+func (r *Registry) Live() int64 { return r.live.Load() }
+
+// DestroySched marks n dying at once and queues its destroy to the worker
+// (destroy_dev_sched). Safe to call from an in-flight operation of n.
+func (r *Registry) DestroySched(n *Node) {
+	if !n.markDying() {
+		return
+	}
+	r.schedDying(n)
+}
+
+// schedDying queues the destroy of n, which the caller has just marked
+// dying itself.
+func (r *Registry) schedDying(n *Node) {
+	n.refs.Add(1) // the queue's reference (n is dying, not released: the registry still holds one); dropped by runSched
+	r.pending.Add(1)
+	select {
+	case r.sched <- n:
+	default:
+		// Queue full: never block a closer; a goroutine does the same job.
+		go r.runSched(n)
+	}
+}
+
+func (r *Registry) worker() {
+	defer close(r.workerDone)
+	for n := range r.sched {
+		r.runSched(n)
+	}
+}
+
+func (r *Registry) runSched(n *Node) {
+	defer r.pending.Done()
+	defer n.Rel()
+	if err := n.revokeDrain(context.Background()); err == nil {
+		n.finish()
+	}
+}
+
+// DrainSched waits until every destroy scheduled so far has finished
+// (destroy_dev_drain).
+func (r *Registry) DrainSched() { r.pending.Wait() }
+
+// Shutdown destroys every node in the fixed close order: stop accepting
+// (no clone, no Make), revoke every node and drain its in-flight
+// operations, run between (the caller unmounts there), then destroy the
+// backing objects and stop the worker. A node whose destroy was already
+// under way is waited for.
+func (r *Registry) Shutdown(ctx context.Context, between func()) {
+	r.mu.Lock()
+	r.closed = true
+	nodes := make([]*Node, 0, len(r.nodes))
+	for _, n := range r.nodes {
+		nodes = append(nodes, n)
+	}
+	r.mu.Unlock()
+
+	var mine, others []*Node
+	for _, n := range nodes {
+		if n.markDying() {
+			n.dev.Revoke()
+			mine = append(mine, n)
+		} else {
+			others = append(others, n)
+		}
+	}
+	for _, n := range mine {
+		// Revoked operations return at once; wait without giving up.
+		_ = n.drain(context.Background())
+	}
+	if between != nil {
+		between()
+	}
+	for _, n := range mine {
+		n.finish()
+	}
+	// Destroys already under way elsewhere: wait for them (or take one
+	// over if it is abandoned), so nothing is left behind and no
+	// DestroySched can still be queueing when the worker stops.
+	for _, n := range others {
+		_ = n.Destroy(context.Background())
+	}
+	r.pending.Wait()
+	close(r.sched)
+	<-r.workerDone
+}

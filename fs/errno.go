@@ -1,0 +1,27 @@
+package fs
+
+import (
+	"errors"
+	"syscall"
+)
+
+// errno maps an error from the layers below to the errno a FUSE caller
+// sees. Every error below wraps the errno with BSD meaning (DESIGN.md,
+// "Errors"); anything else is an internal failure and reads as EIO.
+func errno(err error) syscall.Errno {
+	if err == nil {
+		return 0
+	}
+	var e syscall.Errno
+	if errors.As(err, &e) {
+		switch e {
+		case syscall.EEXIST:
+			// A device of that name exists that is not ours to give out.
+			return syscall.EBUSY
+		case syscall.EBADFD:
+			return syscall.ENXIO
+		}
+		return e
+	}
+	return syscall.EIO
+}

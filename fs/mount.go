@@ -1,0 +1,163 @@
+package fs
+
+import (
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// MountOptions configure a mount.
+type MountOptions struct {
+	// AllowOther lets users other than the mounter use the mount (the
+	// mount option allow_other; as root no /etc/fuse.conf is involved).
+	AllowOther bool
+	// Debug logs every FUSE request and reply.
+	Debug bool
+	// Log receives the daemon's log lines.
+	Log *slog.Logger
+}
+
+// maxWrite is the largest WRITE the kernel sends us: above the MRU, so
+// an oversize packet arrives whole and is refused with EIO.
+const maxWrite = 128 * 1024
+
+// Mount is a served cdevfs mount.
+type Mount struct {
+	dir string
+	t   *transport
+}
+
+// Dir is the mountpoint.
+func (m *Mount) Dir() string { return m.dir }
+
+// New mounts root at dir and starts serving it. It returns once the
+// kernel's INIT has been answered, so the mount is usable at once.
+func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkMountpoint(dir); err != nil {
+		return nil, err
+	}
+	dev, err := openFuse(dir, o.AllowOther, maxWrite)
+	if err != nil {
+		return nil, err
+	}
+	t := newTransport(dev, o.Log, maxWrite)
+	zero := time.Duration(0)
+	mo := fuse.MountOptions{
+		AllowOther:    o.AllowOther,
+		MaxWrite:      maxWrite,
+		MaxBackground: 64,
+		Name:          "cdevfs",
+		FsName:        "cdevfs",
+		DisableSplice: true,
+		Debug:         o.Debug,
+		Logger:        log.New(slogWriter{o.Log}, "", 0),
+	}
+	raw := fs.NewNodeFS(root, &fs.Options{
+		// Zero timeouts: the kernel asks again on every path walk, so a
+		// destroyed node vanishes and a recreated name is a new inode at
+		// once, whatever happened behind the kernel's back.
+		EntryTimeout:    &zero,
+		AttrTimeout:     &zero,
+		NegativeTimeout: &zero,
+		MountOptions:    mo,
+		ServerCallbacks: t,
+		Logger:          mo.Logger,
+	})
+	t.ps = fuse.NewProtocolServer(raw, &mo)
+	t.start()
+	select {
+	case <-t.inited:
+	case <-time.After(10 * time.Second):
+		m := &Mount{dir: dir, t: t}
+		m.Unmount()
+		m.Close()
+		return nil, fmt.Errorf("mount %s: the kernel sent no INIT", dir)
+	}
+	return &Mount{dir: dir, t: t}, nil
+}
+
+// Unmount detaches the mount: a plain unmount, or a lazy one if files on
+// it are still open (their owners then see ENOTCONN once Close runs).
+func (m *Mount) Unmount() error {
+	err := unix.Unmount(m.dir, 0)
+	if errors.Is(err, unix.EBUSY) {
+		err = unix.Unmount(m.dir, unix.MNT_DETACH)
+	}
+	if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: not mounted any more
+		return fmt.Errorf("unmount %s: %w", m.dir, err)
+	}
+	return nil
+}
+
+// Close closes /dev/fuse, which aborts the connection, and waits for the
+// request loop to stop. Call it after Unmount, last.
+func (m *Mount) Close() {
+	m.t.dev.Close()
+	m.t.wait()
+}
+
+// checkMountpoint refuses a missing directory or one that is already a
+// mount point, with a message a user can act on.
+func checkMountpoint(dir string) error {
+	st, err := os.Stat(dir)
+	if err != nil {
+		var errno syscall.Errno
+		if errors.As(err, &errno) && errno == syscall.ENOTCONN {
+			return fmt.Errorf("mountpoint %s: a dead FUSE mount is there (transport endpoint is not connected); unmount it with umount -l %s", dir, dir)
+		}
+		return fmt.Errorf("mountpoint %s: %w", dir, errors.Unwrap(err))
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("mountpoint %s: not a directory", dir)
+	}
+	if mounted, err := isMountpoint(dir); err == nil && mounted {
+		return fmt.Errorf("mountpoint %s: already in use (something is mounted there)", dir)
+	}
+	return nil
+}
+
+// isMountpoint reports whether dir is a mount point of this mount
+// namespace, from /proc/self/mountinfo (field 5 is the mount point).
+func isMountpoint(dir string) (bool, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return false, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && unescapeMount(f[4]) == dir {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func unescapeMount(s string) string {
+	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
+	return r.Replace(s)
+}
+
+// slogWriter sends go-fuse's log.Logger output to slog.
+type slogWriter struct{ l *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.l.Debug(strings.TrimRight(string(p), "\n"), "component", "go-fuse")
+	return len(p), nil
+}
