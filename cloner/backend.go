@@ -50,6 +50,8 @@ type Link interface {
 	// Name is the name it was created with (the node's name; the kernel
 	// name may change with a rename).
 	Name() string
+	// Index is the kernel's interface index (0 for a fake).
+	Index() int
 	// Attach opens the interface for I/O (a no-op if the creating fd is
 	// still attached). It fails with ErrGone if the interface no longer
 	// is the one we created, and with EBUSY if someone else holds it.

@@ -31,8 +31,9 @@ type Cloner struct {
 	// held across unit allocation, interface creation and node publication,
 	// and across unlink, interface deletion and unit release, so each is
 	// atomic to the others. It guards units.
-	mu    sync.Mutex
-	units map[int]bool // units in use: a node exists or is being made
+	mu      sync.Mutex
+	units   map[int]bool    // units in use: a node exists or is being made
+	byIndex map[int]*device // live devices by kernel ifindex, for the netlink watch
 }
 
 // New returns a cloner for kind and registers it as a clone handler.
@@ -43,7 +44,8 @@ func New(kind Kind, be Backend, reg *devnode.Registry, maxUnit int, log *slog.Lo
 	if log == nil {
 		log = slog.Default()
 	}
-	c := &Cloner{kind: kind, be: be, reg: reg, max: maxUnit, log: log, units: make(map[int]bool)}
+	c := &Cloner{kind: kind, be: be, reg: reg, max: maxUnit, log: log,
+		units: make(map[int]bool), byIndex: make(map[int]*device)}
 	reg.AddCloner(c.Clone)
 	return c
 }
@@ -63,7 +65,9 @@ func (c *Cloner) UnitsInUse() int {
 // with a reference for the caller.
 func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.Node, error) {
 	unit, wildcard, ok := ParseName(c.kind.Prefix(), name, c.max)
-	if !ok {
+	if !ok || (wildcard && !open) {
+		// The bare prefix is the clone node: only opening it allocates a
+		// unit. A lookup of it must not create (and leak) some tunN.
 		return nil, devnode.ErrNotFound
 	}
 	c.mu.Lock()
@@ -117,6 +121,9 @@ func (c *Cloner) createLocked(u int, open bool) (*devnode.Node, error) {
 	}
 	d.node.Store(n)
 	c.units[u] = true
+	if i := link.Index(); i > 0 {
+		c.byIndex[i] = d
+	}
 	c.log.Info("create", "unit", name)
 	return n, nil
 }
@@ -156,6 +163,9 @@ func (d *device) Destroy(unlink func()) error {
 	unlink()
 	err := d.link.Delete()
 	delete(d.c.units, d.unit)
+	if d.c.byIndex[d.link.Index()] == d {
+		delete(d.c.byIndex, d.link.Index())
+	}
 	d.c.log.Info("destroy", "unit", d.link.Name())
 	return err
 }
@@ -193,5 +203,17 @@ func (d *device) gone() {
 	if n := d.node.Load(); n != nil {
 		d.c.log.Info("revoke", "unit", n.Name(), "reason", "interface deleted outside cdevfs")
 		d.c.reg.DestroySched(n)
+	}
+}
+
+// LinkDeleted is told by the netlink watch that the kernel deleted the
+// interface with ifindex index: if it is one of ours, its node is revoked
+// and destroyed (the unit becomes free), as for any destroy.
+func (c *Cloner) LinkDeleted(index int) {
+	c.mu.Lock()
+	d := c.byIndex[index]
+	c.mu.Unlock()
+	if d != nil {
+		d.gone()
 	}
 }

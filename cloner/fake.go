@@ -104,6 +104,8 @@ type fakeLink struct {
 
 func (l *fakeLink) Name() string { return l.name }
 
+func (l *fakeLink) Index() int { return 0 }
+
 func (l *fakeLink) use(op string) error {
 	l.f.mu.Lock()
 	defer l.f.mu.Unlock()

@@ -129,6 +129,8 @@ type linuxLink struct {
 
 func (l *linuxLink) Name() string { return l.name }
 
+func (l *linuxLink) Index() int { return l.index }
+
 func (l *linuxLink) file() (*os.File, error) {
 	select {
 	case <-l.woken:

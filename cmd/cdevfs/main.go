@@ -120,9 +120,20 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 	reg := devnode.NewRegistry()
 	kinds := []cloner.Kind{cloner.Tun, cloner.Tap}
 	var prefixes []string
+	var cloners []*cloner.Cloner
 	for _, k := range kinds {
-		cloner.New(k, be, reg, f.maxUnit, log)
+		cloners = append(cloners, cloner.New(k, be, reg, f.maxUnit, log))
 		prefixes = append(prefixes, k.Prefix())
+	}
+	stopWatch := make(chan struct{})
+	defer close(stopWatch)
+	err = be.Watch(stopWatch, func(index int) {
+		for _, c := range cloners {
+			c.LinkDeleted(index)
+		}
+	}, func(err error) { log.Error("netlink watch", "error", err) })
+	if err != nil {
+		return err
 	}
 	cloneable := func(name string) bool {
 		for _, k := range kinds {
