@@ -1,0 +1,292 @@
+package main
+
+// The end-to-end harness: the real cdevfs binary, a real FUSE mount in
+// t.TempDir(), real interfaces, and the C clients of testdata/. Each
+// daemon runs under `unshare --net`, so the interfaces of a test live in a
+// network namespace of its own that dies with the daemon; the test reaches
+// it with `nsenter --net`.
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	binDir  string // built binaries: cdevfs and the C clients
+	cdevfs  string
+	kernErr error // why kernel tests cannot run here, if they cannot
+)
+
+func TestMain(m *testing.M) {
+	code := func() int {
+		var err error
+		binDir, err = os.MkdirTemp("", "cdevfs-e2e-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(binDir)
+		kernErr = buildAll()
+		before := leftovers()
+		code := m.Run()
+		if after := leftovers(); after != before && code == 0 {
+			fmt.Fprintf(os.Stderr, "TestMain: the suite left something behind:\nbefore: %s\nafter:  %s\n", before, after)
+			return 1
+		}
+		return code
+	}()
+	os.Exit(code)
+}
+
+// buildAll builds cdevfs and the C clients, and checks what the kernel
+// tests need.
+func buildAll() error {
+	if os.Geteuid() != 0 {
+		return errors.New("not root")
+	}
+	for _, dev := range []string{"/dev/fuse", "/dev/net/tun"} {
+		if _, err := os.Stat(dev); err != nil {
+			return err
+		}
+	}
+	for _, tool := range []string{"unshare", "nsenter", "ip", "gcc", "setpriv"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("%s: %w", tool, err)
+		}
+	}
+	cdevfs = filepath.Join(binDir, "cdevfs")
+	if out, err := exec.Command("go", "build", "-race", "-o", cdevfs, ".").CombinedOutput(); err != nil {
+		return fmt.Errorf("go build: %v\n%s", err, out)
+	}
+	srcs, _ := filepath.Glob("../../testdata/*.c")
+	for _, src := range srcs {
+		out := filepath.Join(binDir, strings.TrimSuffix(filepath.Base(src), ".c"))
+		if b, err := exec.Command("gcc", "-Wall", "-Wextra", "-O2", "-I../../testdata/include", "-o", out, src).CombinedOutput(); err != nil {
+			return fmt.Errorf("gcc %s: %v\n%s", src, err, b)
+		}
+	}
+	return nil
+}
+
+// leftovers describes what a test could leak: cdevfs mounts, cdevfs
+// processes, tun/tap interfaces in the suite's own namespace.
+func leftovers() string {
+	var parts []string
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		parts = append(parts, fmt.Sprintf("mounts=%d", strings.Count(string(b), "fuse.cdevfs")))
+	}
+	out, _ := exec.Command("pgrep", "-c", "-f", "cdevfs-e2e-.*/cdevfs mount").Output()
+	parts = append(parts, "daemons="+strings.TrimSpace(string(out)))
+	links, _ := exec.Command("ip", "-o", "link", "show").Output()
+	n := 0
+	for _, l := range strings.Split(string(links), "\n") {
+		if strings.Contains(l, ": tun") || strings.Contains(l, ": tap") {
+			n++
+		}
+	}
+	parts = append(parts, fmt.Sprintf("tuntap=%d", n))
+	return strings.Join(parts, " ")
+}
+
+// requireKernel skips a kernel test where it cannot run, but fails it in
+// CI, where it must.
+func requireKernel(t *testing.T) {
+	t.Helper()
+	if kernErr == nil {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("kernel test cannot run in CI: %v", kernErr)
+	}
+	t.Skipf("kernel test cannot run here: %v", kernErr)
+}
+
+// daemon is one running `cdevfs mount` in a network namespace of its own.
+type daemon struct {
+	t   *testing.T
+	cmd *exec.Cmd
+	dir string
+
+	mu   sync.Mutex // guards logb
+	logb bytes.Buffer
+	done chan struct{}
+	err  error // exit status, once done is closed
+}
+
+// startDaemon mounts a fresh tree at a temporary directory.
+func startDaemon(t *testing.T, flags ...string) *daemon {
+	t.Helper()
+	requireKernel(t)
+	d := &daemon{t: t, dir: t.TempDir(), done: make(chan struct{})}
+	args := append([]string{"--net", "--", cdevfs, "mount"}, flags...)
+	d.cmd = exec.Command("unshare", append(args, d.dir)...)
+	stderr, err := d.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		once := sync.Once{}
+		for sc.Scan() {
+			d.mu.Lock()
+			d.logb.WriteString(sc.Text() + "\n")
+			d.mu.Unlock()
+			if strings.Contains(sc.Text(), "msg=serving") {
+				once.Do(func() { close(ready) })
+			}
+		}
+		d.err = d.cmd.Wait()
+		close(d.done)
+	}()
+	select {
+	case <-ready:
+	case <-d.done:
+		t.Fatalf("cdevfs exited before serving: %v\n%s", d.err, d.log())
+	case <-time.After(20 * time.Second):
+		d.cmd.Process.Kill()
+		t.Fatalf("cdevfs did not serve within 20s:\n%s", d.log())
+	}
+	t.Cleanup(func() { d.stop() })
+	return d
+}
+
+func (d *daemon) log() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.logb.String()
+}
+
+// stop sends SIGTERM and checks a clean exit with the mount gone.
+func (d *daemon) stop() {
+	t := d.t
+	t.Helper()
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(10 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.done
+		t.Errorf("cdevfs did not exit within 10s of SIGTERM:\n%s", d.log())
+		return
+	}
+	if d.err != nil {
+		t.Errorf("cdevfs exited with %v after SIGTERM, want status 0:\n%s", d.err, d.log())
+	}
+	if b, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(b), " "+d.dir+" ") {
+		t.Errorf("mount %s still there after cdevfs exited", d.dir)
+	}
+}
+
+// path is a node's path in the mount.
+func (d *daemon) path(name string) string { return filepath.Join(d.dir, name) }
+
+// ip runs ip(8) in the daemon's network namespace.
+func (d *daemon) ip(args ...string) (string, error) {
+	full := append([]string{"--net=/proc/" + fmt.Sprint(d.cmd.Process.Pid) + "/ns/net", "ip"}, args...)
+	out, err := exec.Command("nsenter", full...).CombinedOutput()
+	return string(out), err
+}
+
+// mustIP is ip that fails the test on error.
+func (d *daemon) mustIP(args ...string) string {
+	d.t.Helper()
+	out, err := d.ip(args...)
+	if err != nil {
+		d.t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// links lists the tun/tap interface names in the daemon's namespace.
+func (d *daemon) links() []string {
+	d.t.Helper()
+	out := d.mustIP("-o", "link", "show")
+	var names []string
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) > 1 {
+			name := strings.TrimSuffix(strings.SplitN(f[1], "@", 2)[0], ":")
+			if strings.HasPrefix(name, "tun") || strings.HasPrefix(name, "tap") {
+				names = append(names, name)
+			}
+		}
+	}
+	return names
+}
+
+// ls lists the mount's directory.
+func (d *daemon) ls() []string {
+	d.t.Helper()
+	ents, err := os.ReadDir(d.dir)
+	if err != nil {
+		d.t.Fatalf("readdir %s: %v", d.dir, err)
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// configure gives tunN the point-to-point addresses 198.18.0.1 peer
+// 198.18.0.2 and sets it up.
+func (d *daemon) configure(name string) {
+	d.t.Helper()
+	d.mustIP("addr", "add", "198.18.0.1/32", "peer", "198.18.0.2", "dev", name)
+	d.mustIP("link", "set", name, "up")
+}
+
+// client runs a C client from testdata.
+func client(name string, args ...string) *exec.Cmd {
+	return exec.Command(filepath.Join(binDir, name), args...)
+}
+
+// openDev opens a node with a plain blocking open(2) (not os.File, which
+// would put a FUSE file in Go's poller).
+func openDev(t *testing.T, path string) int {
+	t.Helper()
+	fd, err := syscall.Open(path, syscall.O_RDWR|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatalf("open %s: %v", path, err)
+	}
+	return fd
+}
+
+// readRetry is read(2) that retries EINTR caused by the Go runtime's own
+// signals (a FUSE request interrupted by SIGURG ends with EINTR).
+func readRetry(fd int, p []byte) (int, error) {
+	for {
+		n, err := syscall.Read(fd, p)
+		if err != syscall.EINTR {
+			return n, err
+		}
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
