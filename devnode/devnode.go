@@ -344,9 +344,10 @@ func (n *Node) drain(ctx context.Context) error {
 			n.flags &^= FlagDying
 			close(n.abandoned)
 			n.abandoned = make(chan struct{})
+			busy := n.busy // read under n.mu
 			n.mu.Unlock()
 			return fmt.Errorf("devnode: destroy of %s abandoned with %d operations in flight: %w",
-				n.name, n.busy, syscall.EINTR)
+				n.name, busy, syscall.EINTR)
 		}
 	}
 }

@@ -27,8 +27,8 @@ type Root struct {
 	log       *slog.Logger
 	cloneable func(name string) bool // a name some cloner would create
 	clones    map[string]bool        // clone node names: "tun", "tap"
-	statics []string        // names of the static children, in readdir order
-	mtime   time.Time
+	statics   []string               // names of the static children, in readdir order
+	mtime     time.Time
 
 	attrMu sync.Mutex                   // guards attrs
 	attrs  map[*devnode.Node]*nodeAttrs // per-device attributes, for the node's life
