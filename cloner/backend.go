@@ -66,6 +66,10 @@ type Link interface {
 	// Wake makes every blocked and future Read and Write fail with
 	// ErrRevoked. It does not block.
 	Wake()
+	// MTU reads the interface's MTU and whether it is up.
+	MTU() (mtu int, up bool, err error)
+	// SetMTU sets the interface's MTU.
+	SetMTU(mtu int) error
 	// Delete removes the interface from the kernel.
 	Delete() error
 	// Close releases the fd, if any. Called once, last.

@@ -17,6 +17,7 @@ import (
 	"syscall"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"golang.org/x/sys/unix"
 )
 
 // Cloner creates the tunN (or tapN) interfaces of one kind on demand.
@@ -112,7 +113,7 @@ func (c *Cloner) createLocked(u int, open bool) (*devnode.Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cloner: create %s: %w", name, err)
 	}
-	d := &device{c: c, unit: u, link: link}
+	d := &device{c: c, unit: u, link: link, st: bsdState{mode: defaultMode(c.kind)}}
 	n, err := c.reg.Make(name, d, open)
 	if err != nil {
 		_ = link.Delete()
@@ -134,6 +135,9 @@ type device struct {
 	unit int
 	link Link
 	node atomic.Pointer[devnode.Node] // set once, right after Make
+
+	mu sync.Mutex // guards st
+	st bsdState
 }
 
 var (
@@ -173,6 +177,9 @@ func (d *device) Destroy(unlink func()) error {
 func (d *device) Release() { _ = d.link.Close() }
 
 func (d *device) Read(ctx context.Context, p []byte, nonblock bool) (int, error) {
+	if d.headMode() {
+		return d.readHead(ctx, p, nonblock)
+	}
 	n, err := d.link.Read(ctx, p, nonblock)
 	return n, d.check(err)
 }
@@ -183,6 +190,9 @@ func (d *device) Write(ctx context.Context, p []byte) (int, error) {
 	}
 	if len(p) > MaxPacket {
 		return 0, fmt.Errorf("cloner: %d-byte packet over the MRU: %w", len(p), syscall.EIO)
+	}
+	if d.headMode() {
+		return d.writeHead(ctx, p)
 	}
 	n, err := d.link.Write(ctx, p)
 	return n, d.check(err)
@@ -216,4 +226,12 @@ func (c *Cloner) LinkDeleted(index int) {
 	if d != nil {
 		d.gone()
 	}
+}
+
+// defaultMode is the link mode a new device starts in (TUNSIFMODE).
+func defaultMode(k Kind) uint32 {
+	if k == Tap {
+		return unix.IFF_BROADCAST | unix.IFF_MULTICAST
+	}
+	return unix.IFF_POINTOPOINT | unix.IFF_MULTICAST
 }

@@ -97,6 +97,8 @@ type fakeLink struct {
 	gone     chan struct{} // closed by DeleteExternal
 	woken    chan struct{} // closed by Wake
 	attached bool
+	up       bool
+	mtu      int
 	deleted  bool
 	closed   bool
 	wakeOnce sync.Once
@@ -105,6 +107,37 @@ type fakeLink struct {
 func (l *fakeLink) Name() string { return l.name }
 
 func (l *fakeLink) Index() int { return 0 }
+
+func (l *fakeLink) MTU() (int, bool, error) {
+	if err := l.use("mtu"); err != nil {
+		return 0, false, err
+	}
+	l.f.mu.Lock()
+	defer l.f.mu.Unlock()
+	if l.mtu == 0 {
+		return 1500, l.up, nil
+	}
+	return l.mtu, l.up, nil
+}
+
+func (l *fakeLink) SetMTU(mtu int) error {
+	if err := l.use("setmtu"); err != nil {
+		return err
+	}
+	l.f.mu.Lock()
+	defer l.f.mu.Unlock()
+	l.mtu = mtu
+	return nil
+}
+
+// SetUp marks the fake interface up or down (ip link set up).
+func (f *Fake) SetUp(name string, up bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if l := f.links[name]; l != nil {
+		l.up = up
+	}
+}
 
 func (l *fakeLink) use(op string) error {
 	l.f.mu.Lock()

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"sync"
 	"syscall"
@@ -256,13 +257,32 @@ func (l *linuxLink) Read(ctx context.Context, p []byte, nonblock bool) (int, err
 			return 0, ErrGone
 		case errors.Is(err, os.ErrClosed):
 			return 0, ErrRevoked
+		case l.gone(f):
+			// Once the interface is unregistered tun's poll reports
+			// only EPOLLERR, and Go's poller then fails reads with
+			// "not pollable" without making the syscall.
+			return 0, ErrGone
 		default:
 			return 0, err
 		}
 	}
 }
 
+// gone tells whether the kernel has deleted our interface: the fd has
+// been detached from it (EBADFD), or its ifindex is no longer listed.
+func (l *linuxLink) gone(f *os.File) bool {
+	if _, err := tunFlags(f); errors.Is(err, unix.EBADFD) {
+		return true
+	}
+	_, err := l.b.nl.LinkByIndex(l.index)
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf)
+}
+
 // readOnce is the O_NONBLOCK read: one read(2), EAGAIN if nothing is queued.
+// It bypasses Go's poller (Control, not Read): the poller would fail it
+// with a read deadline left behind by a cancel that came too late to wake
+// a blocking Read, and with "not pollable" after the interface is deleted.
 func (l *linuxLink) readOnce(f *os.File, p []byte) (int, error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
@@ -270,9 +290,8 @@ func (l *linuxLink) readOnce(f *os.File, p []byte) (int, error) {
 	}
 	var n int
 	var rerr error
-	if err := rc.Read(func(fd uintptr) bool {
+	if err := rc.Control(func(fd uintptr) {
 		n, rerr = unix.Read(int(fd), p)
-		return true
 	}); err != nil {
 		return 0, ErrRevoked
 	}
@@ -315,6 +334,25 @@ func (l *linuxLink) Wake() {
 	if l.f != nil {
 		_ = l.f.SetReadDeadline(longAgo)
 	}
+}
+
+// MTU implements Link.
+func (l *linuxLink) MTU() (int, bool, error) {
+	link, err := l.b.nl.LinkByIndex(l.index)
+	if err != nil {
+		return 0, false, ErrGone
+	}
+	a := link.Attrs()
+	return a.MTU, a.Flags&net.FlagUp != 0, nil
+}
+
+// SetMTU implements Link.
+func (l *linuxLink) SetMTU(mtu int) error {
+	link, err := l.b.nl.LinkByIndex(l.index)
+	if err != nil {
+		return ErrGone
+	}
+	return l.b.nl.LinkSetMTU(link, mtu)
 }
 
 // Delete implements Link: RTM_DELLINK by ifindex, so a renamed interface

@@ -88,5 +88,9 @@ func (h *handle) Ioctl(ctx context.Context, cmd uint32, arg uint64, input, outpu
 		return 0, syscall.ENXIO
 	}
 	defer h.node.Exit()
-	return 0, syscall.ENOTTY
+	ioc, ok := h.node.Device().(devnode.Ioctler)
+	if !ok {
+		return 0, syscall.ENOTTY
+	}
+	return 0, errno(ioc.Ioctl(ctx, cmd, caller(ctx).Pid, input, output))
 }
