@@ -56,6 +56,13 @@ type IO interface {
 	Write(ctx context.Context, p []byte) (int, error)
 }
 
+// Ioctler is implemented by devices with ioctls. in holds the command's
+// input (its size is encoded in cmd); out must be filled completely. pid
+// is the caller's. Unknown commands fail with ENOTTY.
+type Ioctler interface {
+	Ioctl(ctx context.Context, cmd uint32, pid uint32, in, out []byte) error
+}
+
 // Flags is a node's state. All of it lives in Node.flags under Node.mu.
 type Flags uint32
 
