@@ -66,6 +66,11 @@ type Link interface {
 	// Wake makes every blocked and future Read and Write fail with
 	// ErrRevoked. It does not block.
 	Wake()
+	// Readable reports whether a packet is queued for Read.
+	Readable() (bool, error)
+	// Watch makes the link call wake on every new packet and on Wake,
+	// until Detach or Close; a later call replaces wake.
+	Watch(wake func())
 	// MTU reads the interface's MTU and whether it is up.
 	MTU() (mtu int, up bool, err error)
 	// SetMTU sets the interface's MTU.

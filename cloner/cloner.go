@@ -143,6 +143,7 @@ type device struct {
 var (
 	_ devnode.Device = (*device)(nil)
 	_ devnode.IO     = (*device)(nil)
+	_ devnode.Poller = (*device)(nil)
 )
 
 func (d *device) Open(ctx context.Context) error {
@@ -175,6 +176,23 @@ func (d *device) Destroy(unlink func()) error {
 }
 
 func (d *device) Release() { _ = d.link.Close() }
+
+// Poll implements devnode.Poller.
+func (d *device) Poll(wake func()) uint32 {
+	if wake != nil {
+		d.link.Watch(wake)
+	}
+	readable, err := d.link.Readable()
+	if err != nil {
+		_ = d.check(err)
+		return unix.POLLERR | unix.POLLHUP
+	}
+	rev := uint32(unix.POLLOUT | pollWrNorm)
+	if readable {
+		rev |= unix.POLLIN | pollRdNorm
+	}
+	return rev
+}
 
 func (d *device) Read(ctx context.Context, p []byte, nonblock bool) (int, error) {
 	if d.headMode() {
@@ -227,6 +245,12 @@ func (c *Cloner) LinkDeleted(index int) {
 		d.gone()
 	}
 }
+
+// POLLRDNORM and POLLWRNORM (<poll.h>), which x/sys/unix does not name.
+const (
+	pollRdNorm = 0x40
+	pollWrNorm = 0x100
+)
 
 // defaultMode is the link mode a new device starts in (TUNSIFMODE).
 func defaultMode(k Kind) uint32 {

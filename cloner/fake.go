@@ -55,6 +55,7 @@ func (f *Fake) Inject(name string, pkt []byte) error {
 	}
 	select {
 	case l.rx <- append([]byte(nil), pkt...):
+		l.callWake()
 		return nil
 	default:
 		return errors.New("fake: queue full")
@@ -102,6 +103,29 @@ type fakeLink struct {
 	deleted  bool
 	closed   bool
 	wakeOnce sync.Once
+	pollWake func() // guarded by f.mu
+}
+
+func (l *fakeLink) Readable() (bool, error) {
+	if err := l.use("readable"); err != nil {
+		return false, err
+	}
+	return len(l.rx) > 0, nil
+}
+
+func (l *fakeLink) Watch(wake func()) {
+	l.f.mu.Lock()
+	defer l.f.mu.Unlock()
+	l.pollWake = wake
+}
+
+func (l *fakeLink) callWake() {
+	l.f.mu.Lock()
+	w := l.pollWake
+	l.f.mu.Unlock()
+	if w != nil {
+		w()
+	}
 }
 
 func (l *fakeLink) Name() string { return l.name }
@@ -213,7 +237,10 @@ func (l *fakeLink) Write(ctx context.Context, p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (l *fakeLink) Wake() { l.wakeOnce.Do(func() { close(l.woken) }) }
+func (l *fakeLink) Wake() {
+	l.wakeOnce.Do(func() { close(l.woken) })
+	l.callWake()
+}
 
 func (l *fakeLink) Delete() error {
 	if err := l.use("delete"); err != nil && !errors.Is(err, ErrGone) {

@@ -26,6 +26,7 @@ import (
 // link state and deletion go through github.com/vishvananda/netlink.
 type Linux struct {
 	nl *netlink.Handle
+	ep epoller // started by the first poller
 }
 
 // NewLinux returns a backend working in the calling thread's network
@@ -38,8 +39,11 @@ func NewLinux() (*Linux, error) {
 	return &Linux{nl: h}, nil
 }
 
-// Close releases the netlink socket.
-func (b *Linux) Close() { b.nl.Close() }
+// Close releases the netlink socket and stops the poll watcher.
+func (b *Linux) Close() {
+	b.ep.close()
+	b.nl.Close()
+}
 
 func kindFlags(k Kind) uint16 {
 	if k == Tap {
@@ -80,7 +84,7 @@ func (b *Linux) Create(name string, kind Kind, attach bool) (Link, error) {
 	if err != nil {
 		return nil, err
 	}
-	l := &linuxLink{b: b, name: name, kind: kind, woken: make(chan struct{}), readSem: make(chan struct{}, 1)}
+	l := &linuxLink{b: b, name: name, kind: kind, woken: make(chan struct{}), readSem: make(chan struct{}, 1), watchFd: -1}
 	if err := ioctlInt(f, unix.TUNSETPERSIST, 1); err != nil {
 		f.Close() // not persistent yet: closing removes it
 		return nil, fmt.Errorf("TUNSETPERSIST %s: %w", name, err)
@@ -124,8 +128,10 @@ type linuxLink struct {
 	woken   chan struct{} // closed by Wake
 	wake    sync.Once
 
-	mu sync.Mutex // guards f
-	f  *os.File   // attached fd while open, nil while closed
+	mu       sync.Mutex // guards f, pollWake, watchFd
+	f        *os.File   // attached fd while open, nil while closed
+	pollWake func()     // the poller's wake, set by Watch
+	watchFd  int        // the fd in the backend's epoll set, or -1
 }
 
 func (l *linuxLink) Name() string { return l.name }
@@ -200,6 +206,7 @@ func (l *linuxLink) Detach() error {
 	l.mu.Lock()
 	f := l.f
 	l.f = nil
+	l.unwatchLocked()
 	l.mu.Unlock()
 	var err error
 	if link, lerr := l.b.nl.LinkByIndex(l.index); lerr == nil {
@@ -326,14 +333,86 @@ func (l *linuxLink) Write(ctx context.Context, p []byte) (int, error) {
 	return n, err
 }
 
-// Wake implements Link.
+// Wake implements Link; pollers hear of it too (they then see
+// POLLERR|POLLHUP).
 func (l *linuxLink) Wake() {
 	l.wake.Do(func() { close(l.woken) })
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.f != nil {
 		_ = l.f.SetReadDeadline(longAgo)
 	}
+	w := l.pollWake
+	l.mu.Unlock()
+	if w != nil {
+		w()
+	}
+}
+
+// Readable implements Link: a zero-timeout poll(2) of the tun fd.
+func (l *linuxLink) Readable() (bool, error) {
+	f, err := l.file()
+	if err != nil {
+		return false, err
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return false, ErrRevoked
+	}
+	var rev int16
+	var perr error
+	if err := rc.Control(func(fd uintptr) {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		_, perr = unix.Poll(pfd, 0)
+		rev = pfd[0].Revents
+	}); err != nil {
+		return false, ErrRevoked
+	}
+	switch {
+	case perr != nil:
+		return false, perr
+	case rev&unix.POLLERR != 0: // a tun fd whose interface is gone
+		return false, ErrGone
+	}
+	return rev&unix.POLLIN != 0, nil
+}
+
+// Watch implements Link: the fd joins the backend's epoll set once; wake
+// is looked up at each event, so a later Watch just replaces it.
+func (l *linuxLink) Watch(wake func()) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.pollWake = wake
+	if l.f == nil || l.watchFd >= 0 {
+		return
+	}
+	rc, err := l.f.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Control(func(fd uintptr) {
+		if l.b.ep.add(int(fd), l.onReady) == nil {
+			l.watchFd = int(fd)
+		}
+	})
+}
+
+func (l *linuxLink) onReady() {
+	l.mu.Lock()
+	w := l.pollWake
+	l.mu.Unlock()
+	if w != nil {
+		w()
+	}
+}
+
+// unwatchLocked takes the fd out of the epoll set before it is closed.
+// Called with l.mu held.
+func (l *linuxLink) unwatchLocked() {
+	if l.watchFd >= 0 {
+		l.b.ep.del(l.watchFd)
+		l.watchFd = -1
+	}
+	l.pollWake = nil
 }
 
 // MTU implements Link.
@@ -373,6 +452,7 @@ func (l *linuxLink) Close() error {
 	l.mu.Lock()
 	f := l.f
 	l.f = nil
+	l.unwatchLocked()
 	l.mu.Unlock()
 	if f != nil {
 		return f.Close()

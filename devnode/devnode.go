@@ -63,6 +63,15 @@ type Ioctler interface {
 	Ioctl(ctx context.Context, cmd uint32, pid uint32, in, out []byte) error
 }
 
+// Poller is implemented by devices whose readiness can be waited for.
+// Poll returns poll(2) revents (POLLIN when a packet is queued, POLLOUT
+// always, POLLERR|POLLHUP once gone). With wake not nil the device keeps
+// it and calls it on every later readiness change (each new packet, and
+// the revoke) until the device is closed; a later wake replaces it.
+type Poller interface {
+	Poll(wake func()) uint32
+}
+
 // Flags is a node's state. All of it lives in Node.flags under Node.mu.
 type Flags uint32
 

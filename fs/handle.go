@@ -2,6 +2,7 @@ package fs
 
 import (
 	"context"
+	"encoding/binary"
 	"syscall"
 
 	"github.com/cdevfs/cdevfs/devnode"
@@ -18,8 +19,9 @@ const handleFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_STREAM | fuse.FOPEN_NONSEE
 // open to release, and runs each operation as an in-flight operation of
 // the node, so Destroy waits for it and revocation ends it with ENXIO.
 type handle struct {
-	node *devnode.Node
-	io   devnode.IO
+	node   *devnode.Node
+	io     devnode.IO
+	notify func(kh uint64) // sends FUSE_NOTIFY_POLL
 }
 
 var (
@@ -30,8 +32,8 @@ var (
 	_ = (fs.FileFlusher)((*handle)(nil))
 )
 
-func newHandle(n *devnode.Node) *handle {
-	h := &handle{node: n}
+func newHandle(n *devnode.Node, notify func(uint64)) *handle {
+	h := &handle{node: n, notify: notify}
 	h.io, _ = n.Device().(devnode.IO)
 	return h
 }
@@ -82,8 +84,12 @@ func (h *handle) Release(ctx context.Context) syscall.Errno {
 	return errno(err)
 }
 
-// Ioctl implements fs.FileIoctler.
+// Ioctl implements fs.FileIoctler; the transport's private pollCmd
+// carries a FUSE_POLL.
 func (h *handle) Ioctl(ctx context.Context, cmd uint32, arg uint64, input, output []byte) (int32, syscall.Errno) {
+	if cmd == pollCmd {
+		return 0, h.poll(arg, input, output)
+	}
 	if err := h.node.Enter(); err != nil {
 		return 0, syscall.ENXIO
 	}
@@ -93,4 +99,33 @@ func (h *handle) Ioctl(ctx context.Context, cmd uint32, arg uint64, input, outpu
 		return 0, syscall.ENOTTY
 	}
 	return 0, errno(ioc.Ioctl(ctx, cmd, caller(ctx).Pid, input, output))
+}
+
+// fusePollScheduleNotify is FUSE_POLL_SCHEDULE_NOTIFY: the kernel will
+// wait, so readiness changes must be notified for poll handle kh.
+const fusePollScheduleNotify = 1
+
+// poll answers a FUSE_POLL: readable when a packet is queued, writable
+// always, POLLERR|POLLHUP once revoked. The kernel's poll handle stays
+// valid until release, so one registration serves every later wait.
+func (h *handle) poll(kh uint64, in, out []byte) syscall.Errno {
+	if len(in) < 8 || len(out) < 4 {
+		return syscall.EINVAL
+	}
+	clear(out)
+	rev := uint32(defaultPollMsk)
+	if p, ok := h.node.Device().(devnode.Poller); ok {
+		if err := h.node.Enter(); err != nil {
+			rev = pollErr | pollHup
+		} else {
+			var wake func()
+			if binary.NativeEndian.Uint32(in)&fusePollScheduleNotify != 0 && h.notify != nil {
+				wake = func() { h.notify(kh) }
+			}
+			rev = p.Poll(wake)
+			h.node.Exit()
+		}
+	}
+	binary.NativeEndian.PutUint32(out, rev)
+	return 0
 }

@@ -58,6 +58,9 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 		return nil, err
 	}
 	t := newTransport(dev, o.Log, maxWrite)
+	if r, ok := root.(*Root); ok {
+		r.notifyPoll = func(kh uint64) { t.PollNotify(kh) }
+	}
 	zero := time.Duration(0)
 	mo := fuse.MountOptions{
 		AllowOther:    o.AllowOther,

@@ -31,10 +31,6 @@ type transport struct {
 	ps  *fuse.ProtocolServer
 	log *slog.Logger
 
-	// poll answers FUSE_POLL; nil means ENOSYS (the kernel then treats every
-	// file of the mount as always ready).
-	poll func(in []byte, out []byte) int
-
 	bufSize int
 	bufs    sync.Pool
 
@@ -50,6 +46,8 @@ const (
 	opRead      = 15
 	readInLen   = 80 // struct fuse_read_in after the header: flags at 72
 	opInit      = 26
+	opIoctl     = 39
+	ioctlInLen  = 72 // struct fuse_ioctl_in after the header: cmd at 52
 	opInterrupt = 36
 	opPoll      = 40
 	inHeaderLen = 40
@@ -124,9 +122,14 @@ func (t *transport) handle(in, out []byte) {
 		binary.NativeEndian.PutUint64(in[48:], uint64(binary.NativeEndian.Uint32(in[72:])))
 	}
 	var n int
-	if op == opPoll && t.poll != nil {
+	switch {
+	case op == opPoll:
 		n = t.poll(in, out)
-	} else {
+	case op == opIoctl && len(in) >= ioctlInLen && binary.NativeEndian.Uint32(in[52:]) == pollCmd:
+		// The private command is ours alone: a user's ioctl(2) with the
+		// same number is refused, so a handle never mistakes it for a poll.
+		n = errorReply(in, out, syscall.ENOTTY)
+	default:
 		var st fuse.Status
 		n, st = t.ps.HandleRequest([][]byte{in}, [][]byte{out})
 		if !st.Ok() {
@@ -140,6 +143,57 @@ func (t *transport) handle(in, out []byte) {
 	if n > 0 {
 		t.write(out[:n])
 	}
+}
+
+// pollCmd is the private ioctl command by which the transport asks a file
+// handle for its readiness: go-fuse's request handling has no POLL for file
+// handles, but it maps an IOCTL's fh to the handle, so a FUSE_POLL is
+// answered by handing go-fuse an IOCTL carrying the poll's arguments:
+// arg is the kernel's poll handle kh, the 8-byte input is the poll flags
+// and events, the 8-byte output is revents. (_IOWR('t', 255, 8).)
+const pollCmd = 3<<30 | 8<<16 | 't'<<8 | 255
+
+// Poll masks (<poll.h>): DEFAULT_POLLMASK is what a file without poll
+// support reports.
+const (
+	pollIn         = 0x1
+	pollOut        = 0x4
+	pollErr        = 0x8
+	pollHup        = 0x10
+	pollRdNorm     = 0x40
+	pollWrNorm     = 0x100
+	defaultPollMsk = pollIn | pollOut | pollRdNorm | pollWrNorm
+)
+
+// poll answers FUSE_POLL (struct fuse_poll_in: fh at 40, kh at 48, flags
+// at 56, events at 60) through the private ioctl; a file that is not a
+// device handle (a static node) is always ready, as the kernel would
+// report for a file without poll.
+func (t *transport) poll(in, out []byte) int {
+	if len(in) < 64 {
+		return errorReply(in, out, syscall.EINVAL)
+	}
+	var req [ioctlInLen + 8]byte
+	copy(req[:inHeaderLen], in[:inHeaderLen])
+	binary.NativeEndian.PutUint32(req[0:], uint32(len(req)))
+	binary.NativeEndian.PutUint32(req[4:], opIoctl)
+	copy(req[40:48], in[40:48])                      // fh
+	binary.NativeEndian.PutUint32(req[52:], pollCmd) // cmd
+	copy(req[56:64], in[48:56])                      // arg: kh
+	binary.NativeEndian.PutUint32(req[64:], 8)       // in size
+	binary.NativeEndian.PutUint32(req[68:], 8)       // out size
+	copy(req[72:80], in[56:64])                      // flags, events
+	var rep [16 + 16 + 8]byte
+	n, st := t.ps.HandleRequest([][]byte{req[:]}, [][]byte{rep[:]})
+	revents := uint32(defaultPollMsk)
+	if st.Ok() && n >= len(rep) && binary.NativeEndian.Uint32(rep[4:]) == 0 {
+		revents = binary.NativeEndian.Uint32(rep[32:])
+	}
+	binary.NativeEndian.PutUint32(out[0:], 24)
+	binary.NativeEndian.PutUint32(out[4:], 0)
+	copy(out[8:16], in[8:16])
+	binary.NativeEndian.PutUint64(out[16:], uint64(revents))
+	return 24
 }
 
 // errorReply writes a bare error reply for the request in into out.

@@ -30,6 +30,9 @@ type Root struct {
 	statics   []string               // names of the static children, in readdir order
 	mtime     time.Time
 
+	// notifyPoll sends FUSE_NOTIFY_POLL; set by New before serving.
+	notifyPoll func(kh uint64)
+
 	attrMu sync.Mutex                   // guards attrs
 	attrs  map[*devnode.Node]*nodeAttrs // per-device attributes, for the node's life
 }
@@ -245,7 +248,7 @@ func (d *devNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32
 		d.node.Rel()
 		return nil, 0, errno(err)
 	}
-	return newHandle(d.node), handleFlags, 0
+	return newHandle(d.node, d.root.notifyPoll), handleFlags, 0
 }
 
 // cloneNode is /dev/tun or /dev/tap: opening it creates the lowest free
@@ -282,7 +285,7 @@ func (c *cloneNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint
 		c.root.log.Warn("refused clone", "unit", c.prefix, "error", err, "pid", cl.Pid, "uid", cl.Uid)
 		return nil, 0, errno(err)
 	}
-	return newHandle(n), handleFlags, 0
+	return newHandle(n, c.root.notifyPoll), handleFlags, 0
 }
 
 // staticKind says which classic device a static node is.

@@ -1,0 +1,159 @@
+package main
+
+import (
+	"bufio"
+	"errors"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// quietNamespace turns IPv6 off in the daemon's namespace, so the kernel
+// sends no router solicitations that would make an "empty" queue non-empty.
+func (d *daemon) quietNamespace() {
+	d.t.Helper()
+	for _, k := range []string{"all", "default"} {
+		cmd := exec.Command("nsenter", "--net=/proc/"+strconv.Itoa(d.cmd.Process.Pid)+"/ns/net",
+			"sysctl", "-q", "-w", "net.ipv6.conf."+k+".disable_ipv6=1")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			d.t.Fatalf("sysctl: %v %s", err, out)
+		}
+	}
+}
+
+// TestPollWithTimeouts: poll(2) reports no event on an empty queue, POLLOUT
+// at once, and POLLIN soon after a packet arrives.
+func TestPollWithTimeouts(t *testing.T) {
+	d := startDaemon(t)
+	d.quietNamespace()
+	if _, err := os.Stat(d.path("tun1")); err != nil {
+		t.Fatal(err)
+	}
+	d.configure("tun1")
+	out, err := client("pollers", "poll", d.path("tun1")).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pollers poll: %v\n%s", err, out)
+	}
+	t.Logf("POLLIN after write: %s", strings.TrimSpace(string(out)))
+	f := strings.Fields(string(out)) // latency_us p50 N p99 N max N
+	if len(f) == 7 {
+		if p50, _ := strconv.ParseFloat(f[2], 64); p50 > 1000 {
+			t.Errorf("median POLLIN latency %vus, want within 1 ms of the packet", p50)
+		}
+	}
+}
+
+// TestEdgeTriggeredEpollMissesNothing: a client using EPOLLET and
+// nonblocking reads receives 10,000 replies; a missed edge would hang it.
+func TestEdgeTriggeredEpollMissesNothing(t *testing.T) {
+	d := startDaemon(t)
+	d.quietNamespace()
+	if _, err := os.Stat(d.path("tun2")); err != nil {
+		t.Fatal(err)
+	}
+	d.configure("tun2")
+	n := "10000"
+	if testing.Short() {
+		n = "1000"
+	}
+	out, err := client("pollers", "epollet", d.path("tun2"), n).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pollers epollet: %v\n%s", err, out)
+	}
+	t.Log(strings.TrimSpace(string(out)))
+}
+
+// TestSelectReportsExactlyTheReadyNode: select(2) over three nodes after a
+// packet is queued on one of them.
+func TestSelectReportsExactlyTheReadyNode(t *testing.T) {
+	d := startDaemon(t)
+	d.quietNamespace()
+	for _, n := range []string{"tun1", "tun2", "tun3"} {
+		if _, err := os.Stat(d.path(n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d.configure("tun2") // the only one with the 198.18.0.1 peer 198.18.0.2 addresses
+	for _, n := range []string{"tun1", "tun3"} {
+		d.mustIP("link", "set", n, "up")
+	}
+	out, err := client("pollers", "select", d.path("tun1"), d.path("tun2"), d.path("tun3")).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pollers select: %v\n%s", err, out)
+	}
+}
+
+// TestRevokeWakesPoller: a poll(2) without timeout ends with POLLERR or
+// POLLHUP when the interface is deleted.
+func TestRevokeWakesPoller(t *testing.T) {
+	d := startDaemon(t)
+	if _, err := os.Stat(d.path("tun5")); err != nil {
+		t.Fatal(err)
+	}
+	cmd := client("pollers", "revoke", d.path("tun5"))
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(stdout)
+	if !sc.Scan() || sc.Text() != "waiting" {
+		t.Fatalf("pollers revoke did not start: %q", sc.Text())
+	}
+	time.Sleep(100 * time.Millisecond)
+	d.mustIP("link", "del", "tun5")
+	start := time.Now()
+	sc.Scan()
+	line := sc.Text()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("pollers revoke: %v, last line %q", err, line)
+	}
+	if el := time.Since(start); el > 500*time.Millisecond {
+		t.Errorf("poller woke %v after the delete, want promptly", el)
+	}
+	if !strings.Contains(line, "POLLERR") && !strings.Contains(line, "POLLHUP") {
+		t.Errorf("revents = %q, want POLLERR or POLLHUP", line)
+	}
+}
+
+// TestGoClientReadDeadline: a Go program opening a node with os.OpenFile
+// (Go's poller: O_NONBLOCK and edge-triggered epoll) times out a read with
+// SetReadDeadline, and then reads a packet when one comes.
+func TestGoClientReadDeadline(t *testing.T) {
+	d := startDaemon(t)
+	d.quietNamespace()
+	if _, err := os.Stat(d.path("tun6")); err != nil {
+		t.Fatal(err)
+	}
+	d.configure("tun6")
+	f, err := os.OpenFile(d.path("tun6"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 2048)
+	if err := f.SetReadDeadline(time.Now().Add(300 * time.Millisecond)); err != nil {
+		t.Fatalf("SetReadDeadline: %v (the file is not in Go's poller)", err)
+	}
+	start := time.Now()
+	_, err = f.Read(buf)
+	el := time.Since(start)
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read of an empty queue with a deadline = %v, want os.ErrDeadlineExceeded", err)
+	}
+	if el < 250*time.Millisecond || el > 2*time.Second {
+		t.Errorf("deadline read took %v, want about 300ms", el)
+	}
+	for i := 0; i < 20; i++ {
+		f.SetReadDeadline(time.Now().Add(2 * time.Second))
+		if _, err := f.Write(echoRequest("198.18.0.2", "198.18.0.1", uint16(i), 16)); err != nil {
+			t.Fatal(err)
+		}
+		n, err := f.Read(buf)
+		if err != nil || n < 28 || buf[20] != 0 {
+			t.Fatalf("round %d: read = %d, %v; want the echo reply (a hang here is a missed edge)", i, n, err)
+		}
+	}
+}
