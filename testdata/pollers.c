@@ -13,6 +13,9 @@
  *                            request through the second: exactly it is ready
  *   pollers revoke NODE      poll(2) with no timeout; prints the revents
  *                            that end it (the test deletes the interface)
+ *   pollers many CLONE N MS  opens the clone node N times (N interfaces),
+ *                            prints "polling" and polls all N fds for MS ms
+ *                            (nothing arrives): N concurrent pollers
  *
  * Exit 0 on success, 1 with a message on any failure; alarm(20) against hangs.
  */
@@ -212,6 +215,23 @@ mode_revoke(const char *node)
 	return (p.revents & (POLLERR | POLLHUP)) ? 0 : 1;
 }
 
+static int
+mode_many(const char *clone, int n, int ms)
+{
+	struct pollfd *p = calloc((size_t)n, sizeof *p);
+	for (int i = 0; i < n; i++) {
+		p[i].fd = open(clone, O_RDWR | O_NONBLOCK);
+		if (p[i].fd < 0)
+			die(clone);
+		p[i].events = POLLIN;
+	}
+	printf("polling\n");
+	fflush(stdout);
+	int r = poll(p, (nfds_t)n, ms);
+	printf("poll returned %d\n", r);
+	return r < 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -224,6 +244,10 @@ main(int argc, char **argv)
 		return mode_select(argc - 2 > 16 ? 16 : argc - 2, argv + 2);
 	if (argc >= 3 && strcmp(argv[1], "revoke") == 0)
 		return mode_revoke(argv[2]);
+	if (argc >= 5 && strcmp(argv[1], "many") == 0) {
+		alarm(120);
+		return mode_many(argv[2], atoi(argv[3]), atoi(argv[4]));
+	}
 	fprintf(stderr, "usage: pollers poll|epollet|select|revoke NODE...\n");
 	return 2;
 }
