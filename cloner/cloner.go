@@ -125,7 +125,7 @@ func (c *Cloner) createLocked(u int, open bool) (*devnode.Node, error) {
 	if i := link.Index(); i > 0 {
 		c.byIndex[i] = d
 	}
-	c.log.Info("create", "unit", name)
+	c.log.Info("create", "unit", name, "ifindex", link.Index())
 	return n, nil
 }
 
@@ -171,7 +171,7 @@ func (d *device) Destroy(unlink func()) error {
 	if d.c.byIndex[d.link.Index()] == d {
 		delete(d.c.byIndex, d.link.Index())
 	}
-	d.c.log.Info("destroy", "unit", d.link.Name())
+	d.c.log.Info("destroy", "unit", d.link.Name(), "ifindex", d.link.Index())
 	return err
 }
 
@@ -229,7 +229,7 @@ func (d *device) check(err error) error {
 
 func (d *device) gone() {
 	if n := d.node.Load(); n != nil {
-		d.c.log.Info("revoke", "unit", n.Name(), "reason", "interface deleted outside cdevfs")
+		d.c.log.Info("revoke", "unit", n.Name(), "ifindex", d.link.Index(), "reason", "interface deleted outside cdevfs")
 		d.c.reg.DestroySched(n)
 	}
 }

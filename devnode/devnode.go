@@ -195,17 +195,23 @@ func (n *Node) Exit() {
 // Close. A second open is ErrBusy; an open of a dying node is ErrDying,
 // never a half-dead handle (seed 001).
 func (n *Node) Open(ctx context.Context) error {
-	if err := n.Enter(); err != nil {
-		return err
-	}
-	defer n.Exit()
+	// One critical section for "not dying", "not open" and the in-flight
+	// count: checked in two, a transient last close could run between them
+	// (clearing FlagOpen and setting FlagDying) and this opener would get
+	// the dying node (seed 001's race; caught by TestTransientCloseRacingOpen).
 	n.mu.Lock()
-	if n.flags&FlagOpen != 0 {
+	switch {
+	case n.flags&(FlagDying|FlagGone) != 0:
+		n.mu.Unlock()
+		return ErrDying
+	case n.flags&FlagOpen != 0:
 		n.mu.Unlock()
 		return ErrBusy
 	}
 	n.flags |= FlagOpen
+	n.busy++
 	n.mu.Unlock()
+	defer n.Exit()
 	if err := n.dev.Open(ctx); err != nil {
 		n.mu.Lock()
 		n.flags &^= FlagOpen

@@ -314,7 +314,11 @@ func TestTransientCloseRacingOpen(t *testing.T) {
 			t.Fatalf("iteration %d: open racing a transient close = %v, want a fresh device or ENXIO", i, err)
 		}
 		if v, e := ioctlGetInt(next, bsdtun.TUNGTRANSIENT); e != 0 || v != 0 {
-			t.Fatalf("iteration %d: the opened device has TUNGTRANSIENT %d, %v: not a fresh device", i, v, e)
+			log := d.log()
+			if len(log) > 3000 {
+				log = log[len(log)-3000:]
+			}
+			t.Fatalf("iteration %d: the opened device has TUNGTRANSIENT %d, %v: not a fresh device\n%s", i, v, e, log)
 		}
 		fd = next
 	}
