@@ -7,8 +7,10 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // quietNamespace turns IPv6 off in the daemon's namespace, so the kernel
@@ -208,5 +210,61 @@ func TestThousandPollersCost(t *testing.T) {
 		rss0, thr0, rss1, thr1)
 	if thr1 > thr0+20 {
 		t.Errorf("threads went from %d to %d with 1,000 pollers: a thread per waiter?", thr0, thr1)
+	}
+}
+
+// TestNonblockingReads: O_NONBLOCK at open makes a read of an empty queue
+// EAGAIN; FIONBIO (which the VFS handles without asking the daemon: the
+// daemon sees the flag in each READ) turns it on and off on an open handle.
+func TestNonblockingReads(t *testing.T) {
+	d := startDaemon(t)
+	d.quietNamespace()
+	fd, err := syscall.Open(d.path("tun4"), syscall.O_RDWR|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 2048)
+	if _, err := readRetry(fd, buf); err != syscall.EAGAIN {
+		t.Errorf("O_NONBLOCK read of an empty queue = %v, want EAGAIN", err)
+	}
+	syscall.Close(fd)
+	fd = openDev(t, d.path("tun4"))
+	defer syscall.Close(fd)
+	d.configure("tun4")
+	fionbio := func(on int32) {
+		if e := ioctlPtr(fd, 0x5421 /* FIONBIO */, unsafe.Pointer(&on)); e != 0 {
+			t.Fatalf("FIONBIO %d: %v", on, e)
+		}
+	}
+	fionbio(1)
+	if _, err := readRetry(fd, buf); err != syscall.EAGAIN {
+		t.Errorf("read after FIONBIO 1 = %v, want EAGAIN", err)
+	}
+	fionbio(0)
+	done := make(chan error, 1)
+	go func() {
+		for {
+			n, err := readRetry(fd, buf)
+			if err != nil || (n > 20 && buf[9] == 1 && buf[20] == 0) {
+				done <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("read after FIONBIO 0 returned %v at once, want it to block", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	if _, err := syscall.Write(fd, echoRequest("198.18.0.2", "198.18.0.1", 1, 8)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("blocking read = %v, want the echo reply", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Error("blocking read got no echo reply")
 	}
 }
