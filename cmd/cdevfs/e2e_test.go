@@ -259,7 +259,7 @@ func TestLastCloseKeepsInterfaceDown(t *testing.T) {
 	if !contains(d.ls(), "tun3") {
 		t.Errorf("ls = %v, want tun3 kept after close", d.ls())
 	}
-	fd = openDev(t, d.path("tun3"))
+	fd = reopen(t, d.path("tun3"))
 	syscall.Close(fd)
 }
 
@@ -368,7 +368,7 @@ func TestInterruptedReadEnds(t *testing.T) {
 		t.Errorf("timeout 1 cat took %v, want about 1s", el)
 	}
 	// The node is usable afterwards.
-	fd := openDev(t, d.path("tun0"))
+	fd := reopen(t, d.path("tun0"))
 	syscall.Close(fd)
 }
 

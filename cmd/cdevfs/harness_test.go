@@ -273,6 +273,23 @@ func openDev(t *testing.T, path string) int {
 	return fd
 }
 
+// reopen opens a node that was just closed: the kernel delivers the last
+// close (RELEASE) after close(2) returns, so EBUSY is retried for a while.
+func reopen(t *testing.T, path string) int {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		fd, err := syscall.Open(path, syscall.O_RDWR|syscall.O_CLOEXEC, 0)
+		if err == nil {
+			return fd
+		}
+		if err != syscall.EBUSY || time.Now().After(deadline) {
+			t.Fatalf("reopen %s: %v", path, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // readRetry is read(2) that retries EINTR caused by the Go runtime's own
 // signals (a FUSE request interrupted by SIGURG ends with EINTR).
 func readRetry(fd int, p []byte) (int, error) {

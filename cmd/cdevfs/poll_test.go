@@ -228,11 +228,7 @@ func TestNonblockingReads(t *testing.T) {
 		t.Errorf("O_NONBLOCK read of an empty queue = %v, want EAGAIN", err)
 	}
 	syscall.Close(fd)
-	// The kernel sends RELEASE after close(2) returns: reopen once it is in.
-	waitFor(t, "tun4 to be released", func() bool {
-		fd, err = syscall.Open(d.path("tun4"), syscall.O_RDWR, 0)
-		return err == nil
-	})
+	fd = reopen(t, d.path("tun4"))
 	defer syscall.Close(fd)
 	d.configure("tun4")
 	fionbio := func(on int32) {
