@@ -14,10 +14,10 @@ import (
 	"github.com/cdevfs/cdevfs/devnode"
 )
 
-var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-// env is a registry with a tun cloner on the in-memory fake kernel.
-type env struct {
+// fakeEnv is a registry with a tun cloner on the in-memory fake kernel.
+type fakeEnv struct {
 	reg  *devnode.Registry
 	fake *Fake
 	c    *Cloner
@@ -26,23 +26,23 @@ type env struct {
 
 // shutdown shuts the registry down once (the test's own call or the
 // cleanup's, whichever comes first).
-func (e *env) shutdown(between func()) {
+func (e *fakeEnv) shutdown(between func()) {
 	e.once.Do(func() { e.reg.Shutdown(context.Background(), between) })
 }
 
-// newEnv makes an env whose registry is shut down when the test ends (if
-// the test did not do it itself), so the worker goroutine never leaks.
-func newEnv(t *testing.T, maxUnit int) *env {
+// newFakeEnv makes a fakeEnv whose registry is shut down when the test
+// ends (if the test did not do it itself), so its worker never leaks.
+func newFakeEnv(t *testing.T, maxUnit int) *fakeEnv {
 	t.Helper()
 	reg := devnode.NewRegistry()
 	fake := NewFake()
-	e := &env{reg: reg, fake: fake, c: New(Tun, fake, reg, maxUnit, quiet)}
+	e := &fakeEnv{reg: reg, fake: fake, c: New(Tun, fake, reg, maxUnit, quietLog)}
 	t.Cleanup(func() { e.shutdown(nil) })
 	return e
 }
 
 // names lists the registry's live node names.
-func (e *env) names() []string {
+func (e *fakeEnv) names() []string {
 	var out []string
 	for _, n := range e.reg.List() {
 		out = append(out, n.Name())
@@ -52,7 +52,7 @@ func (e *env) names() []string {
 
 // destroy ends a node a test holds: close if open, destroy, drop the
 // caller's reference.
-func (e *env) destroy(t *testing.T, n *devnode.Node) {
+func (e *fakeEnv) destroy(t *testing.T, n *devnode.Node) {
 	t.Helper()
 	if n.Flags()&devnode.FlagOpen != 0 {
 		if err := n.Close(); err != nil {
@@ -65,7 +65,7 @@ func (e *env) destroy(t *testing.T, n *devnode.Node) {
 	n.Rel()
 }
 
-func (e *env) noViolations(t *testing.T) {
+func (e *fakeEnv) noViolations(t *testing.T) {
 	t.Helper()
 	if v := e.fake.Violations(); len(v) != 0 {
 		t.Errorf("fake kernel saw fd-discipline violations: %q", v)
@@ -73,7 +73,7 @@ func (e *env) noViolations(t *testing.T) {
 }
 
 // shutdownClean shuts the registry down and checks nothing is left.
-func (e *env) shutdownClean(t *testing.T) {
+func (e *fakeEnv) shutdownClean(t *testing.T) {
 	t.Helper()
 	e.shutdown(nil)
 	if n := e.fake.Len(); n != 0 {
@@ -86,7 +86,7 @@ func (e *env) shutdownClean(t *testing.T) {
 }
 
 func TestCloneAllocatesLowestFreeUnit(t *testing.T) {
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	var nodes []*devnode.Node
 	for i, want := range []string{"tun0", "tun1", "tun2"} {
@@ -128,12 +128,12 @@ func TestCloneAllocatesLowestFreeUnit(t *testing.T) {
 	if n.Ino() == old.Ino() {
 		t.Errorf("recreated tun1 has the old node's Ino %d, want a fresh one", n.Ino())
 	}
-	if n, err := e.reg.Clone(ctx, "tun"); err != nil || n.Name() != "tun3" {
-		t.Fatalf("next clone = %v, %v, want tun3", n, err)
-	} else {
-		nodes = append(nodes, n)
-	}
 	nodes[1] = n
+	n3, err := e.reg.Clone(ctx, "tun")
+	if err != nil || n3.Name() != "tun3" {
+		t.Fatalf("next clone = %v, %v, want tun3", n3, err)
+	}
+	nodes = append(nodes, n3)
 	if got, want := e.names(), []string{"tun0", "tun1", "tun2", "tun3"}; !slices.Equal(got, want) {
 		t.Errorf("List() = %v, want %v", got, want)
 	}
@@ -148,7 +148,7 @@ func TestCloneAllocatesLowestFreeUnit(t *testing.T) {
 }
 
 func TestCloneSkipsForeignNameWithoutLeak(t *testing.T) {
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	e.fake.Taken["tun0"] = true
 	e.fake.Taken["tun1"] = true
@@ -188,7 +188,7 @@ func TestCloneSkipsForeignNameWithoutLeak(t *testing.T) {
 }
 
 func TestCreateFailureLeavesNothing(t *testing.T) {
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	first, err := e.reg.Clone(ctx, "tun")
 	if err != nil {
@@ -243,7 +243,7 @@ func TestCreateFailureLeavesNothing(t *testing.T) {
 }
 
 func TestLookupOfForeignNameIsEEXIST(t *testing.T) {
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	e.fake.Taken["tun3"] = true
 	n, err := e.reg.Lookup(context.Background(), "tun3")
 	if err == nil {
@@ -261,7 +261,7 @@ func TestLookupOfForeignNameIsEEXIST(t *testing.T) {
 }
 
 func TestCloneExhaustedIsENOSPC(t *testing.T) {
-	e := newEnv(t, 2) // units 0, 1, 2
+	e := newFakeEnv(t, 2) // units 0, 1, 2
 	ctx := context.Background()
 	var nodes []*devnode.Node
 	for i := 0; i <= 2; i++ {
@@ -292,7 +292,7 @@ func TestCloneExhaustedIsENOSPC(t *testing.T) {
 // Every free unit held by a foreign device is still ENOSPC, and no unit is
 // leaked for the attempts.
 func TestCloneAllUnitsForeignIsENOSPC(t *testing.T) {
-	e := newEnv(t, 2)
+	e := newFakeEnv(t, 2)
 	for _, name := range []string{"tun0", "tun1", "tun2"} {
 		e.fake.Taken[name] = true
 	}
@@ -307,7 +307,7 @@ func TestCloneAllUnitsForeignIsENOSPC(t *testing.T) {
 }
 
 func TestLookupInvalidNamesCreateNothing(t *testing.T) {
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	for _, name := range []string{"tun01", "tun-1", "tun+1", "tunx", "tun32768", "tap0", "tun", "", "null"} {
 		n, err := e.reg.Lookup(context.Background(), name)
 		if !errors.Is(err, devnode.ErrNotFound) || !errors.Is(err, syscall.ENOENT) {
@@ -321,7 +321,7 @@ func TestLookupInvalidNamesCreateNothing(t *testing.T) {
 }
 
 func TestLookupExistingGivesSameNode(t *testing.T) {
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	a, err := e.reg.Lookup(ctx, "tun7")
 	if err != nil {
@@ -353,8 +353,8 @@ func TestLookupExistingGivesSameNode(t *testing.T) {
 }
 
 func TestTunAndTapClonersShareRegistry(t *testing.T) {
-	e := newEnv(t, 0)
-	tap := New(Tap, e.fake, e.reg, 0, quiet)
+	e := newFakeEnv(t, 0)
+	tap := New(Tap, e.fake, e.reg, 0, quietLog)
 	if tap.Kind() != Tap || e.c.Kind() != Tun {
 		t.Fatalf("Kind() = %v / %v, want Tap / Tun", tap.Kind(), e.c.Kind())
 	}
@@ -379,7 +379,7 @@ func TestTunAndTapClonersShareRegistry(t *testing.T) {
 }
 
 func TestDeviceIO(t *testing.T) {
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	n, err := e.reg.Clone(ctx, "tun")
 	if err != nil {
@@ -424,7 +424,7 @@ func TestDeviceIO(t *testing.T) {
 // blocked reader gets ENXIO, the node is destroyed by the worker, its unit
 // freed, and the name can be created afresh.
 func TestExternalDeleteRevokesNode(t *testing.T) {
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	n, err := e.reg.Clone(ctx, "tun")
 	if err != nil {
@@ -478,7 +478,7 @@ func TestExternalDeleteRevokesNode(t *testing.T) {
 // Opening a node whose interface was deleted behind our back is ENXIO and
 // schedules the node's destroy.
 func TestOpenOfExternallyDeletedIsENXIO(t *testing.T) {
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	n, err := e.reg.Lookup(ctx, "tun2")
 	if err != nil {

@@ -25,7 +25,7 @@ func TestRacingLookupsCreateOnce(t *testing.T) {
 		rounds  = 200
 		callers = 8
 	)
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	for round := 0; round < rounds; round++ {
 		start := make(chan struct{})
@@ -87,7 +87,7 @@ func TestRacingOpenClonesOfOneNameCreateOnce(t *testing.T) {
 		rounds  = 100
 		callers = 8
 	)
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	for round := 0; round < rounds; round++ {
 		start := make(chan struct{})
@@ -134,7 +134,7 @@ func TestRacingOpenClonesOfOneNameCreateOnce(t *testing.T) {
 // never two interfaces with one name, no unit leaked).
 func TestRacingClonesAndLookupsDistinctNames(t *testing.T) {
 	const workers = 16
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 	start := make(chan struct{})
 	nodes := make([]*devnode.Node, workers)
@@ -194,7 +194,7 @@ func TestConcurrentLifecycleOneName(t *testing.T) {
 		workers  = 12
 		duration = 1500 * time.Millisecond
 	)
-	e := newEnv(t, 0)
+	e := newFakeEnv(t, 0)
 	ctx := context.Background()
 
 	var (

@@ -115,6 +115,17 @@ func (e *env) lookup(t *testing.T, name string) *devnode.Node {
 	return n
 }
 
+// enter starts an in-flight operation on n and returns its Exit, which
+// may be called more than once: tests defer it, so that a failing test
+// never leaves an operation in flight for the cleanup's Shutdown to hang on.
+func enter(t *testing.T, n *devnode.Node) (exit func()) {
+	t.Helper()
+	if err := n.Enter(); err != nil {
+		t.Fatalf("Enter(%s): %v", n.Name(), err)
+	}
+	return sync.OnceFunc(n.Exit)
+}
+
 func listed(reg *devnode.Registry, n *devnode.Node) bool {
 	return slices.Contains(reg.List(), n)
 }
@@ -291,9 +302,8 @@ func TestRelBelowZeroPanics(t *testing.T) {
 func TestDestroyWaitsForInFlight(t *testing.T) {
 	e := newEnv(t)
 	n := e.lookup(t, "tun0")
-	if err := n.Enter(); err != nil {
-		t.Fatalf("Enter: %v", err)
-	}
+	exit := enter(t, n)
+	defer exit()
 	done := async(func() error { return n.Destroy(context.Background()) })
 	waitFlag(t, n, devnode.FlagDying)
 	notYet(t, done, "Destroy with an operation in flight")
@@ -310,7 +320,7 @@ func TestDestroyWaitsForInFlight(t *testing.T) {
 	if !e.fake.Exists("tun0") {
 		t.Fatalf("interface deleted before the in-flight operation ended")
 	}
-	n.Exit()
+	exit()
 	if err := recv(t, done, "Destroy after Exit"); err != nil {
 		t.Fatalf("Destroy = %v, want nil", err)
 	}
@@ -339,9 +349,8 @@ func TestDestroyWaitsForInFlight(t *testing.T) {
 func TestDestroyInterruptedWhileBusyLivesOn(t *testing.T) {
 	e := newEnv(t)
 	n := e.lookup(t, "tun0")
-	if err := n.Enter(); err != nil {
-		t.Fatalf("Enter: %v", err)
-	}
+	exit := enter(t, n)
+	defer exit()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := async(func() error { return n.Destroy(ctx) })
 	waitFlag(t, n, devnode.FlagDying)
@@ -363,7 +372,7 @@ func TestDestroyInterruptedWhileBusyLivesOn(t *testing.T) {
 	if r := n.Refs(); r != 2 {
 		t.Fatalf("Refs() = %d after an abandoned destroy, want 2", r)
 	}
-	n.Exit()
+	exit()
 	if err := n.Open(context.Background()); err != nil {
 		t.Fatalf("Open after an abandoned destroy = %v, want nil", err)
 	}
@@ -402,13 +411,12 @@ func TestDestroyInterruptedAfterDrainProceeds(t *testing.T) {
 	// and the signal are pending; the destroy must go on either way.
 	for i := 0; i < 100; i++ {
 		n := e.lookup(t, "tun0")
-		if err := n.Enter(); err != nil {
-			t.Fatalf("Enter: %v", err)
-		}
+		exit := enter(t, n)
+		defer exit()
 		ctx, cancel := context.WithCancel(context.Background())
 		done := async(func() error { return n.Destroy(ctx) })
 		waitFlag(t, n, devnode.FlagDying)
-		n.Exit()
+		exit()
 		cancel()
 		if err := recv(t, done, "Destroy"); err != nil {
 			t.Fatalf("iteration %d: Destroy interrupted after the operations drained = %v, want nil", i, err)
@@ -426,9 +434,8 @@ func TestDestroyInterruptedAfterDrainProceeds(t *testing.T) {
 func TestDestroyWaiterTakesOverAbandonedDestroy(t *testing.T) {
 	e := newEnv(t)
 	n := e.lookup(t, "tun0")
-	if err := n.Enter(); err != nil {
-		t.Fatalf("Enter: %v", err)
-	}
+	exit := enter(t, n)
+	defer exit()
 	ctx, cancel := context.WithCancel(context.Background())
 	first := async(func() error { return n.Destroy(ctx) })
 	waitFlag(t, n, devnode.FlagDying)
@@ -441,7 +448,7 @@ func TestDestroyWaiterTakesOverAbandonedDestroy(t *testing.T) {
 	// The second destroy now owns the barrier: the node stays dying.
 	waitFlag(t, n, devnode.FlagDying)
 	notYet(t, second, "second Destroy with the operation still in flight")
-	n.Exit()
+	exit()
 	if err := recv(t, second, "second Destroy"); err != nil {
 		t.Fatalf("second Destroy = %v, want nil", err)
 	}
@@ -457,9 +464,8 @@ func TestDestroyWaiterTakesOverAbandonedDestroy(t *testing.T) {
 func TestDestroyWaiterInterrupted(t *testing.T) {
 	e := newEnv(t)
 	n := e.lookup(t, "tun0")
-	if err := n.Enter(); err != nil {
-		t.Fatalf("Enter: %v", err)
-	}
+	exit := enter(t, n)
+	defer exit()
 	first := async(func() error { return n.Destroy(context.Background()) })
 	waitFlag(t, n, devnode.FlagDying)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -472,7 +478,7 @@ func TestDestroyWaiterInterrupted(t *testing.T) {
 	if n.Flags()&devnode.FlagDying == 0 {
 		t.Fatalf("the first destroy was abandoned by the waiter's signal")
 	}
-	n.Exit()
+	exit()
 	if err := recv(t, first, "first Destroy"); err != nil {
 		t.Fatalf("first Destroy = %v, want nil", err)
 	}
@@ -569,6 +575,8 @@ func TestOpenDuringCloseIsBusy(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Make: %v", err)
 	}
+	releaseClose := sync.OnceFunc(func() { close(d.release) })
+	defer releaseClose()
 	closed := async(n.Close)
 	select {
 	case <-d.closing:
@@ -578,7 +586,7 @@ func TestOpenDuringCloseIsBusy(t *testing.T) {
 	if err := n.Open(context.Background()); !errors.Is(err, devnode.ErrBusy) {
 		t.Fatalf("Open while the previous Close is detaching = %v, want ErrBusy", err)
 	}
-	close(d.release)
+	releaseClose()
 	if err := recv(t, closed, "Close"); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
@@ -614,6 +622,8 @@ func TestTransientLastClose(t *testing.T) {
 	ctx := context.Background()
 	entered := make(chan *devnode.Node, 1)
 	release := make(chan struct{})
+	releaseHook := sync.OnceFunc(func() { close(release) })
+	defer releaseHook()
 	e.reg.SetDestroyHook(func(n *devnode.Node) {
 		entered <- n
 		<-release
@@ -663,7 +673,7 @@ func TestTransientLastClose(t *testing.T) {
 		}
 		m.Rel()
 	}
-	close(release)
+	releaseHook()
 	e.reg.DrainSched()
 	if n.Flags()&devnode.FlagGone == 0 {
 		t.Fatalf("node not gone after DrainSched")
@@ -700,9 +710,8 @@ func TestTransientLastClose(t *testing.T) {
 func TestDestroySchedFromInFlight(t *testing.T) {
 	e := newEnv(t)
 	n := e.lookup(t, "tun0")
-	if err := n.Enter(); err != nil {
-		t.Fatalf("Enter: %v", err)
-	}
+	exit := enter(t, n)
+	defer exit()
 	e.reg.DestroySched(n)
 	e.reg.DestroySched(n) // a second request is a no-op
 	if err := n.Open(context.Background()); !errors.Is(err, syscall.ENXIO) {
@@ -712,7 +721,7 @@ func TestDestroySchedFromInFlight(t *testing.T) {
 	if !e.fake.Exists("tun0") {
 		t.Fatalf("scheduled destroy did not wait for the in-flight operation")
 	}
-	n.Exit()
+	exit()
 	e.reg.DrainSched()
 	if n.Flags()&devnode.FlagGone == 0 || e.fake.Exists("tun0") {
 		t.Fatalf("scheduled destroy did not finish after Exit")
@@ -858,59 +867,70 @@ func TestShutdownRevokesDrainsAndDestroys(t *testing.T) {
 	e.finish(t)
 }
 
-// Shutdown waits for destroys already under way (a transient close's
-// scheduled destroy, a synchronous Destroy) instead of leaving them behind.
-func TestShutdownWaitsForDestroysUnderWay(t *testing.T) {
-	e := newEnv(t)
-	ctx := context.Background()
-	hooked := make(chan *devnode.Node, 4)
-	release := make(chan struct{})
-	e.reg.SetDestroyHook(func(n *devnode.Node) {
-		if n.Name() != "tun9" { // Shutdown's own destroys pass
-			hooked <- n
-			<-release
-		}
-	})
-	a := e.lookup(t, "tun0")
-	if err := a.Open(ctx); err != nil {
-		t.Fatalf("Open: %v", err)
+// Shutdown waits for a destroy already under way elsewhere (a synchronous
+// Destroy, a transient close's scheduled destroy) instead of returning
+// with it unfinished.
+func TestShutdownWaitsForDestroyUnderWay(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		start func(t *testing.T, n *devnode.Node) <-chan error
+	}{
+		{"Destroy", func(t *testing.T, n *devnode.Node) <-chan error {
+			return async(func() error { return n.Destroy(context.Background()) })
+		}},
+		{"TransientClose", func(t *testing.T, n *devnode.Node) <-chan error {
+			if err := n.Open(context.Background()); err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+			n.SetTransient(true)
+			return async(n.Close)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			hooked := make(chan *devnode.Node, 4)
+			release := make(chan struct{})
+			releaseHook := sync.OnceFunc(func() { close(release) })
+			defer releaseHook()
+			e.reg.SetDestroyHook(func(n *devnode.Node) {
+				if n.Name() == "tun0" { // Shutdown's own destroy of tun9 passes
+					hooked <- n
+					<-release
+				}
+			})
+			n := e.lookup(t, "tun0")
+			e.lookup(t, "tun9").Rel()
+			done := tc.start(t, n)
+			select {
+			case <-hooked:
+			case <-time.After(waitLong):
+				t.Fatalf("the destroy did not reach the hook")
+			}
+			shut := async(func() error { e.shutdown(nil); return nil })
+			notYet(t, shut, "Shutdown with a destroy under way")
+			releaseHook()
+			recv(t, shut, "Shutdown")
+			if err := recv(t, done, tc.name); err != nil {
+				t.Fatalf("%s = %v, want nil", tc.name, err)
+			}
+			if n.Flags()&devnode.FlagGone == 0 {
+				t.Fatalf("node not gone after Shutdown")
+			}
+			if l := e.fake.Len(); l != 0 {
+				t.Fatalf("fake kernel has %d interfaces after Shutdown, want 0", l)
+			}
+			n.Rel()
+			e.finish(t)
+		})
 	}
-	a.SetTransient(true)
-	if err := a.Close(); err != nil {
-		t.Fatalf("Close: %v", err)
-	}
-	b := e.lookup(t, "tun1")
-	bDone := async(func() error { return b.Destroy(ctx) })
-	e.lookup(t, "tun9").Rel()
-	for i := 0; i < 2; i++ {
-		select {
-		case <-hooked:
-		case <-time.After(waitLong):
-			t.Fatalf("destroys did not reach the hook")
-		}
-	}
-	shut := async(func() error { e.shutdown(nil); return nil })
-	notYet(t, shut, "Shutdown with destroys under way")
-	close(release)
-	recv(t, shut, "Shutdown")
-	if err := recv(t, bDone, "Destroy"); err != nil {
-		t.Fatalf("Destroy = %v, want nil", err)
-	}
-	if l := e.fake.Len(); l != 0 {
-		t.Fatalf("fake kernel has %d interfaces after Shutdown, want 0", l)
-	}
-	a.Rel()
-	b.Rel()
-	e.finish(t)
 }
 
 // Shutdown takes over a destroy under way that is then abandoned.
 func TestShutdownTakesOverAbandonedDestroy(t *testing.T) {
 	e := newEnv(t)
 	n := e.lookup(t, "tun0")
-	if err := n.Enter(); err != nil {
-		t.Fatalf("Enter: %v", err)
-	}
+	exit := enter(t, n)
+	defer exit()
 	ctx, cancel := context.WithCancel(context.Background())
 	first := async(func() error { return n.Destroy(ctx) })
 	waitFlag(t, n, devnode.FlagDying)
@@ -921,7 +941,7 @@ func TestShutdownTakesOverAbandonedDestroy(t *testing.T) {
 		t.Fatalf("interrupted Destroy = %v, want EINTR", err)
 	}
 	notYet(t, shut, "Shutdown with an operation still in flight")
-	n.Exit()
+	exit()
 	recv(t, shut, "Shutdown")
 	if n.Flags()&devnode.FlagGone == 0 || e.fake.Exists("tun0") {
 		t.Fatalf("Shutdown left the node whose destroy was abandoned")
