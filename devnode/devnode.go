@@ -27,6 +27,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Device is the driver side of a node (cdevsw and softc together).
@@ -107,7 +108,11 @@ type Node struct {
 	// Zero means released: TryRef fails, never resurrects.
 	refs atomic.Int64
 
-	mu      sync.Mutex // guards flags, busy, destroyed
+	// attr is the node's owner, mode and creation time (FreeBSD's si_uid,
+	// si_gid, si_mode, si_ctime): set at Make, changed by SetAttr.
+	attr Attr
+
+	mu      sync.Mutex // guards flags, busy, destroyed, attr
 	flags   Flags
 	busy    int           // in-flight operations (si_threadcount)
 	drained chan struct{} // closed and replaced when busy drops to 0 while dying
@@ -125,6 +130,27 @@ func (n *Node) Name() string { return n.name }
 // recreated under the same name gets a new one, so stale kernel inodes
 // never alias a fresh device.
 func (n *Node) Ino() uint64 { return n.ino }
+
+// Attr is a node's owner, mode (permission bits) and creation time.
+type Attr struct {
+	Mode     uint32
+	Uid, Gid uint32
+	Ctime    time.Time
+}
+
+// Attr returns the node's attributes.
+func (n *Node) Attr() Attr {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.attr
+}
+
+// SetAttr replaces the node's owner and mode (chmod, chown, rules).
+func (n *Node) SetAttr(a Attr) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.attr = a
+}
 
 // Device returns the node's driver.
 func (n *Node) Device() Device { return n.dev }
@@ -438,6 +464,7 @@ func (r *Registry) Make(name string, dev Device, open bool) (*Node, error) {
 		drained:   make(chan struct{}),
 		abandoned: make(chan struct{}),
 		destroyed: make(chan struct{}),
+		attr:      Attr{Mode: 0600, Ctime: time.Now()}, // DESIGN.md: root:root 0600
 	}
 	if open {
 		n.flags |= FlagOpen

@@ -2,8 +2,7 @@
 // nodes (null, zero, ...), the clone nodes tun and tap, one node per
 // interface, and open handles that proxy to the devices of package devnode.
 //
-// Lock order (nodes here take no lock across a call into devnode, which has
-// its own order): attrMu is a leaf lock.
+// Nodes here hold no lock of their own; devnode's lock order applies.
 package fs
 
 import (
@@ -11,7 +10,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"log/slog"
-	"sync"
 	"syscall"
 	"time"
 
@@ -32,9 +30,6 @@ type Root struct {
 
 	// notifyPoll sends FUSE_NOTIFY_POLL; set by New before serving.
 	notifyPoll func(kh uint64)
-
-	attrMu sync.Mutex                   // guards attrs
-	attrs  map[*devnode.Node]*nodeAttrs // per-device attributes, for the node's life
 }
 
 var (
@@ -44,19 +39,11 @@ var (
 	_ = (fs.NodeOnAdder)((*Root)(nil))
 )
 
-// nodeAttrs are a device node's owner, mode and times.
-type nodeAttrs struct {
-	mode     uint32
-	uid, gid uint32
-	ctime    time.Time
-}
-
 // NewRoot returns the root of a tree serving reg's nodes; clones lists
 // the clone node names (the cloners' prefixes) and cloneable tells which
 // names a cloner would create (for logging refusals).
 func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool, log *slog.Logger) *Root {
-	r := &Root{reg: reg, log: log, cloneable: cloneable, clones: make(map[string]bool), mtime: time.Now(),
-		attrs: make(map[*devnode.Node]*nodeAttrs)}
+	r := &Root{reg: reg, log: log, cloneable: cloneable, clones: make(map[string]bool), mtime: time.Now()}
 	for _, c := range clones {
 		r.clones[c] = true
 	}
@@ -166,25 +153,6 @@ func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 	return r.NewInode(ctx, d, fs.StableAttr{Mode: syscall.S_IFREG, Ino: n.Ino()}), 0
 }
 
-// attrsOf returns n's attributes, making the defaults on first use.
-func (r *Root) attrsOf(n *devnode.Node) *nodeAttrs {
-	r.attrMu.Lock()
-	defer r.attrMu.Unlock()
-	a := r.attrs[n]
-	if a == nil {
-		a = &nodeAttrs{mode: 0600, ctime: time.Now()}
-		r.attrs[n] = a
-		go func() { <-n.Destroyed(); r.forgetAttrs(n) }()
-	}
-	return a
-}
-
-func (r *Root) forgetAttrs(n *devnode.Node) {
-	r.attrMu.Lock()
-	defer r.attrMu.Unlock()
-	delete(r.attrs, n)
-}
-
 func setTimes(a *fuse.Attr, t time.Time) {
 	s, ns := uint64(t.Unix()), uint32(t.Nanosecond())
 	a.Atime, a.Mtime, a.Ctime = s, s, s
@@ -205,14 +173,12 @@ var (
 )
 
 func (d *devNode) fill(a *fuse.Attr) {
-	at := d.root.attrsOf(d.node)
-	d.root.attrMu.Lock()
-	defer d.root.attrMu.Unlock()
-	a.Mode = syscall.S_IFREG | at.mode
+	at := d.node.Attr()
+	a.Mode = syscall.S_IFREG | at.Mode
 	a.Nlink = 1
-	a.Uid, a.Gid = at.uid, at.gid
+	a.Uid, a.Gid = at.Uid, at.Gid
 	a.Ino = d.node.Ino()
-	setTimes(a, at.ctime)
+	setTimes(a, at.Ctime)
 }
 
 // Getattr implements fs.NodeGetattrer.
