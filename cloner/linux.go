@@ -230,8 +230,11 @@ func (l *linuxLink) Read(ctx context.Context, p []byte, nonblock bool) (int, err
 	if err != nil {
 		return 0, err
 	}
-	if nonblock {
-		return l.readOnce(f, p)
+	// A packet already queued is read at once: no wait, so none of the
+	// cancellation machinery below (context.AfterFunc costs a goroutine per
+	// call for go-fuse's context) is set up on the busy packet path.
+	if n, err := l.readOnce(f, p); nonblock || !errors.Is(err, unix.EAGAIN) {
+		return n, err
 	}
 	select {
 	case l.readSem <- struct{}{}:
