@@ -8,7 +8,6 @@ package fs
 import (
 	"context"
 	"crypto/rand"
-	"errors"
 	"log/slog"
 	"syscall"
 	"time"
@@ -134,11 +133,8 @@ func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 			}
 			return nil, syscall.ENOENT
 		}
+		// A racing creator's node comes back from the cloner itself.
 		n, err = r.reg.Lookup(ctx, name)
-		if errors.Is(err, syscall.EEXIST) {
-			// Someone made it between our Get and our clone.
-			n, err = r.reg.Get(name)
-		}
 		if err != nil {
 			if e := errno(err); e != syscall.ENOENT {
 				r.log.Warn("refused clone", "unit", name, "error", err, "pid", c.Pid, "uid", c.Uid)
