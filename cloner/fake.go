@@ -31,7 +31,7 @@ func (f *Fake) Exists(name string) bool {
 	return f.links[name] != nil
 }
 
-// Names is the number of interfaces in the fake kernel.
+// Len is the number of interfaces in the fake kernel.
 func (f *Fake) Len() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -267,10 +267,14 @@ func (t *transport) InodeNotify(node uint64, off, length int64) fuse.Status {
 }
 
 // PollNotify wakes the kernel's pollers of the file with poll handle kh.
+// It runs once per new packet on a polled device, so it builds the
+// message on the stack.
 func (t *transport) PollNotify(kh uint64) fuse.Status {
-	h := make([]byte, 8)
-	binary.NativeEndian.PutUint64(h, kh)
-	return t.notify(notifyPoll, h)
+	var msg [16 + 8]byte
+	binary.NativeEndian.PutUint32(msg[0:], uint32(len(msg)))
+	binary.NativeEndian.PutUint32(msg[4:], notifyPoll) // error field carries the code; unique is 0
+	binary.NativeEndian.PutUint64(msg[16:], kh)
+	return fuse.Status(t.write(msg[:]))
 }
 
 // InodeRetrieveCache is not used by cdevfs (device nodes are direct I/O).
