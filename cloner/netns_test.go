@@ -14,6 +14,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/cdevfs/cdevfs/internal/icmptest"
 	"net"
 	"net/netip"
 	"os"
@@ -269,45 +270,10 @@ func ltFdCount(t testing.TB) (int, map[string]string) {
 
 // --- IPv4 / ICMP ---
 
-// ltChecksum is the Internet checksum (RFC 1071).
-func ltChecksum(b []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
-}
-
 // ltEchoRequest builds an IPv4 ICMP echo request from src to dst with a
 // 56-byte payload.
 func ltEchoRequest(src, dst netip.Addr, id, seq uint16) []byte {
-	const ihl, icmpLen = 20, 8 + 56
-	p := make([]byte, ihl+icmpLen)
-	p[0] = 0x45
-	binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
-	binary.BigEndian.PutUint16(p[4:], seq)
-	binary.BigEndian.PutUint16(p[6:], 0x4000) // DF
-	p[8] = 64
-	p[9] = 1 // ICMP
-	s, d := src.As4(), dst.As4()
-	copy(p[12:], s[:])
-	copy(p[16:], d[:])
-	binary.BigEndian.PutUint16(p[10:], ltChecksum(p[:ihl]))
-	icmp := p[ihl:]
-	icmp[0] = 8 // echo request
-	binary.BigEndian.PutUint16(icmp[4:], id)
-	binary.BigEndian.PutUint16(icmp[6:], seq)
-	for i := range icmp[8:] {
-		icmp[8+i] = byte(i) + byte(seq)
-	}
-	binary.BigEndian.PutUint16(icmp[2:], ltChecksum(icmp))
-	return p
+	return icmptest.EchoRequest(src, dst, id, seq, 56)
 }
 
 // ltIsEchoReply tells whether pkt is the kernel's answer to req: IPv4 from
@@ -319,7 +285,7 @@ func ltIsEchoReply(pkt, req []byte) bool {
 	}
 	ihl := int(pkt[0]&0xf) * 4
 	tot := int(binary.BigEndian.Uint16(pkt[2:]))
-	if ihl < 20 || tot < ihl || tot > len(pkt) || pkt[9] != 1 || ltChecksum(pkt[:ihl]) != 0 {
+	if ihl < 20 || tot < ihl || tot > len(pkt) || pkt[9] != 1 || icmptest.Checksum(pkt[:ihl]) != 0 {
 		return false
 	}
 	if string(pkt[12:16]) != string(req[16:20]) || string(pkt[16:20]) != string(req[12:16]) {
@@ -327,7 +293,7 @@ func ltIsEchoReply(pkt, req []byte) bool {
 	}
 	icmp, reqICMP := pkt[ihl:tot], req[20:]
 	return len(icmp) == len(reqICMP) && icmp[0] == 0 && icmp[1] == 0 &&
-		ltChecksum(icmp) == 0 && string(icmp[4:]) == string(reqICMP[4:])
+		icmptest.Checksum(icmp) == 0 && string(icmp[4:]) == string(reqICMP[4:])
 }
 
 // ltBuildICMPEcho compiles testdata/icmpecho.c into a temporary directory.
