@@ -85,7 +85,8 @@ func leftovers() string {
 	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
 		parts = append(parts, fmt.Sprintf("mounts=%d", strings.Count(string(b), "fuse.cdevfs")))
 	}
-	out, _ := exec.Command("pgrep", "-c", "-f", "cdevfs-e2e-.*/cdevfs mount").Output()
+	// Only this run's binary: other runs (other worktrees) may be going on.
+	out, _ := exec.Command("pgrep", "-c", "-f", "^"+cdevfs+" mount").Output()
 	parts = append(parts, "daemons="+strings.TrimSpace(string(out)))
 	links, _ := exec.Command("ip", "-o", "link", "show").Output()
 	n := 0
