@@ -42,7 +42,57 @@ type Backend interface {
 	// name exists it fails with an error wrapping EEXIST and touches
 	// nothing. With attach the creating fd stays attached (the caller is
 	// opening it); otherwise the interface is left persistent and closed.
+	// The interface carries the backend's ownership mark.
 	Create(name string, kind Kind, attach bool) (Link, error)
+	// Adopt re-reads the interface with ifindex index from the kernel (a
+	// watch event may be stale) and returns a closed Link for it and what
+	// it is now. The Link attaches with the interface's own flags and,
+	// unless info.Owner is OwnerSelf, never sets it down or deletes it.
+	Adopt(index int) (Link, LinkInfo, error)
+}
+
+// BatchDeleter is a Backend that deletes many interfaces faster at once
+// than one by one (the Linux one, at shutdown).
+type BatchDeleter interface {
+	// DeleteMany deletes the interfaces with these ifindexes; one already
+	// gone is not an error.
+	DeleteMany(indexes []int) error
+}
+
+// Owner says who made an interface, by the ownership mark it carries
+// (the interface alias on Linux): the kernel keeps it across a crash of
+// the daemon, so a restarted cdevfs knows its own interfaces.
+type Owner int
+
+const (
+	// OwnerNone: made outside cdevfs (ip tuntap add, another program).
+	OwnerNone Owner = iota
+	// OwnerSelf: made by this cdevfs (the same mark), perhaps before a
+	// crash.
+	OwnerSelf
+	// OwnerOther: made by another cdevfs instance (another mark).
+	OwnerOther
+)
+
+// LinkInfo is an interface as the kernel describes it to the watch.
+type LinkInfo struct {
+	Name    string
+	Index   int
+	TunTap  bool // a tun/tap device; false for any other driver
+	Kind    Kind // Tun or Tap, if TunTap
+	Persist bool // IFF_PERSIST: it outlives its last fd
+	Owner   Owner
+}
+
+// Watcher hears the kernel's link changes (see Linux.Watch).
+type Watcher struct {
+	// Appeared is called for every interface the kernel announces (new,
+	// renamed or changed), and once for each existing one at start.
+	Appeared func(LinkInfo)
+	// Deleted is called with the ifindex of every interface removed.
+	Deleted func(index int)
+	// Error hears of a failing subscription (lost messages).
+	Error func(error)
 }
 
 // Link is one interface made by a Backend.
@@ -56,7 +106,9 @@ type Link interface {
 	// still attached). It fails with ErrGone if the interface no longer
 	// is the one we created, and with EBUSY if someone else holds it.
 	Attach(ctx context.Context) error
-	// Detach sets the interface down and closes the fd; the interface stays.
+	// Detach sets the interface down (unless it was adopted from outside
+	// cdevfs: then it is left as its maker left it) and closes the fd;
+	// the interface stays.
 	Detach() error
 	// Read reads one packet into p (truncating it), blocking unless
 	// nonblock. ctx ending gives EINTR; Wake gives ErrRevoked.

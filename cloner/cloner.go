@@ -35,7 +35,15 @@ type Cloner struct {
 	mu      sync.Mutex
 	units   map[int]bool    // units in use: a node exists or is being made
 	byIndex map[int]*device // live devices by kernel ifindex, for the netlink watch
+	retired bool            // the namespace is gone: nothing is made any more
+
+	destroyOrphans bool // set before the watch starts; see DestroyOrphans
 }
+
+// DestroyOrphans makes the cloner delete, instead of adopt, the
+// interfaces with its own mark that it finds at start (left by a daemon
+// that was killed). Call it before the watch starts.
+func (c *Cloner) DestroyOrphans(on bool) { c.destroyOrphans = on }
 
 // New returns a cloner for kind and registers it as a clone handler.
 func New(kind Kind, be Backend, reg *devnode.Registry, maxUnit int, log *slog.Logger) *Cloner {
@@ -73,6 +81,9 @@ func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.No
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.retired {
+		return nil, fmt.Errorf("cloner: %s: the network namespace is gone: %w", name, syscall.ENXIO)
+	}
 	if !wildcard {
 		if c.units[unit] {
 			// A node of this name exists: a racing creator got it first
@@ -113,28 +124,131 @@ func (c *Cloner) createLocked(u int, open bool) (*devnode.Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cloner: create %s: %w", name, err)
 	}
-	d := &device{c: c, unit: u, link: link, st: bsdState{mode: defaultMode(c.kind)}}
-	n, err := c.reg.Make(name, d, open)
+	n, err := c.publishLocked(u, link, false, open)
 	if err != nil {
 		_ = link.Delete()
 		_ = link.Close()
-		return nil, fmt.Errorf("cloner: publish %s: %w", name, err)
+		return nil, err
+	}
+	c.log.Info("create", "unit", name, "ifindex", link.Index())
+	return n, nil
+}
+
+// publishLocked makes the node of unit u on link and marks the unit used.
+// Called with c.mu held.
+func (c *Cloner) publishLocked(u int, link Link, foreign, open bool) (*devnode.Node, error) {
+	d := &device{c: c, unit: u, link: link, foreign: foreign, st: bsdState{mode: defaultMode(c.kind)}}
+	n, err := c.reg.Make(link.Name(), d, open)
+	if err != nil {
+		return nil, fmt.Errorf("cloner: publish %s: %w", link.Name(), err)
 	}
 	d.node.Store(n)
 	c.units[u] = true
 	if i := link.Index(); i > 0 {
 		c.byIndex[i] = d
 	}
-	c.log.Info("create", "unit", name, "ifindex", link.Index())
 	return n, nil
+}
+
+// LinkAppeared is told by the netlink watch of an interface the kernel
+// has. One of this cloner's kind and name that has no node gets one:
+//   - made outside cdevfs (ip tuntap add): adopted as foreign; opening it
+//     attaches with its own flags, closing leaves it as it was, and
+//     cdevfs never deletes it;
+//   - carrying our own mark (left by a killed daemon): adopted as ours,
+//     or deleted if DestroyOrphans;
+//   - carrying another cdevfs's mark: left alone.
+//
+// A device of another driver or kind with a name of ours gets no node;
+// opening that name is EBUSY (the exclusive create finds it taken).
+func (c *Cloner) LinkAppeared(info LinkInfo) {
+	if !info.TunTap || info.Kind != c.kind || info.Owner == OwnerOther {
+		return
+	}
+	u, wild, ok := ParseName(c.kind.Prefix(), info.Name, c.max)
+	if !ok || wild {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.retired || c.units[u] || c.byIndex[info.Index] != nil {
+		return // ours already (the event of our own create), or the name is taken
+	}
+	// Events lag: the interface may have gone, or changed, since.
+	link, now, err := c.be.Adopt(info.Index)
+	if err != nil || now.Name != info.Name || now.Kind != c.kind || now.Owner == OwnerOther {
+		if link != nil {
+			_ = link.Close()
+		}
+		return
+	}
+	own := now.Owner == OwnerSelf
+	if own && c.destroyOrphans {
+		err := link.Delete()
+		_ = link.Close()
+		c.log.Info("destroy", "unit", info.Name, "ifindex", info.Index, "reason", "left by a previous cdevfs", "error", err)
+		return
+	}
+	n, err := c.publishLocked(u, link, !own, false)
+	if err != nil {
+		_ = link.Close()
+		return
+	}
+	n.Rel() // Make's reference for the caller: nobody opened it
+	reason := "made outside cdevfs"
+	if own {
+		reason = "left by a previous cdevfs"
+	}
+	c.log.Info("adopt", "unit", info.Name, "ifindex", info.Index, "reason", reason)
+}
+
+// DeleteCreated deletes, in one batch where the backend can, the
+// interfaces of every cloner in cs that cdevfs made (adopted foreign ones
+// stay). It is the "destroy" step of shutdown, run after the unmount and
+// before the nodes' destroys, which then find their interfaces gone.
+func DeleteCreated(be BatchDeleter, cs ...*Cloner) error {
+	var idx []int
+	for _, c := range cs {
+		c.mu.Lock()
+		for i, d := range c.byIndex {
+			if !d.foreign {
+				idx = append(idx, i)
+			}
+		}
+		c.mu.Unlock()
+	}
+	return be.DeleteMany(idx)
+}
+
+// Retire is for a network namespace that is gone (ip netns del): it
+// refuses every later clone with ENXIO, and destroys every node of this
+// cloner now (revoking open handles), deleting the interfaces cdevfs made,
+// so that the daemon holds nothing of the namespace (seed 002: a VNET
+// jail's teardown destroys its cloned interfaces).
+func (c *Cloner) Retire(ctx context.Context) {
+	c.mu.Lock()
+	c.retired = true
+	var nodes []*devnode.Node
+	for _, d := range c.byIndex {
+		if n := d.node.Load(); n != nil && n.TryRef() {
+			nodes = append(nodes, n)
+		}
+	}
+	c.mu.Unlock()
+	// Destroy also waits for a destroy already under way elsewhere.
+	for _, n := range nodes {
+		_ = n.Destroy(ctx)
+		n.Rel()
+	}
 }
 
 // device is the devnode.Device of one interface.
 type device struct {
-	c    *Cloner
-	unit int
-	link Link
-	node atomic.Pointer[devnode.Node] // set once, right after Make
+	c       *Cloner
+	unit    int
+	link    Link
+	foreign bool                         // adopted, not made by cdevfs: never deleted
+	node    atomic.Pointer[devnode.Node] // set once, right after Make
 
 	mu sync.Mutex // guards st
 	st bsdState
@@ -171,7 +285,11 @@ func (d *device) Destroy(unlink func()) error {
 	if d.c.byIndex[d.link.Index()] == d {
 		delete(d.c.byIndex, d.link.Index())
 	}
-	d.c.log.Info("destroy", "unit", d.link.Name(), "ifindex", d.link.Index())
+	if d.foreign {
+		d.c.log.Info("forget", "unit", d.link.Name(), "ifindex", d.link.Index(), "reason", "not made by cdevfs: interface kept")
+	} else {
+		d.c.log.Info("destroy", "unit", d.link.Name(), "ifindex", d.link.Index())
+	}
 	return err
 }
 
@@ -228,9 +346,8 @@ func (d *device) check(err error) error {
 }
 
 func (d *device) gone() {
-	if n := d.node.Load(); n != nil {
+	if n := d.node.Load(); n != nil && d.c.reg.DestroySched(n) {
 		d.c.log.Info("revoke", "unit", n.Name(), "ifindex", d.link.Index(), "reason", "interface deleted outside cdevfs")
-		d.c.reg.DestroySched(n)
 	}
 }
 

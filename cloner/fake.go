@@ -17,6 +17,7 @@ type Fake struct {
 	Taken      map[string]bool // names some foreign device has
 	FailCreate func(name string) error
 	violations []string
+	nextIndex  int
 }
 
 // NewFake returns an empty fake kernel.
@@ -85,15 +86,46 @@ func (f *Fake) Create(name string, kind Kind, attach bool) (Link, error) {
 	if f.links[name] != nil || f.Taken[name] {
 		return nil, fmt.Errorf("fake: %s exists: %w", name, syscall.EEXIST)
 	}
-	l := &fakeLink{f: f, name: name, attached: attach, rx: make(chan []byte, 64),
-		gone: make(chan struct{}), woken: make(chan struct{})}
-	f.links[name] = l
+	l := f.newLinkLocked(name, kind, OwnerSelf)
+	l.attached = attach
 	return l, nil
+}
+
+func (f *Fake) newLinkLocked(name string, kind Kind, owner Owner) *fakeLink {
+	f.nextIndex++
+	l := &fakeLink{f: f, name: name, kind: kind, owner: owner, index: f.nextIndex,
+		rx: make(chan []byte, 64), gone: make(chan struct{}), woken: make(chan struct{})}
+	f.links[name] = l
+	return l
+}
+
+// AddExternal makes an interface as `ip tuntap add` would, with the
+// owner's mark, and returns what the watch would report of it.
+func (f *Fake) AddExternal(name string, kind Kind, owner Owner) LinkInfo {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	l := f.newLinkLocked(name, kind, owner)
+	return LinkInfo{Name: name, Index: l.index, TunTap: true, Kind: kind, Persist: true, Owner: owner}
+}
+
+// Adopt implements Backend.
+func (f *Fake) Adopt(index int) (Link, LinkInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, l := range f.links {
+		if l.index == index {
+			return l, LinkInfo{Name: l.name, Index: index, TunTap: true, Kind: l.kind, Persist: true, Owner: l.owner}, nil
+		}
+	}
+	return nil, LinkInfo{}, fmt.Errorf("fake: ifindex %d: %w", index, ErrGone)
 }
 
 type fakeLink struct {
 	f        *Fake
 	name     string
+	kind     Kind
+	owner    Owner
+	index    int
 	rx       chan []byte
 	gone     chan struct{} // closed by DeleteExternal
 	woken    chan struct{} // closed by Wake
@@ -130,7 +162,7 @@ func (l *fakeLink) callWake() {
 
 func (l *fakeLink) Name() string { return l.name }
 
-func (l *fakeLink) Index() int { return 0 }
+func (l *fakeLink) Index() int { return l.index }
 
 func (l *fakeLink) MTU() (int, bool, error) {
 	if err := l.use("mtu"); err != nil {
@@ -245,6 +277,9 @@ func (l *fakeLink) Wake() {
 func (l *fakeLink) Delete() error {
 	if err := l.use("delete"); err != nil && !errors.Is(err, ErrGone) {
 		return err
+	}
+	if l.owner != OwnerSelf {
+		return nil // like the Linux backend: never delete what we did not make
 	}
 	l.f.mu.Lock()
 	defer l.f.mu.Unlock()

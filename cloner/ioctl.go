@@ -67,6 +67,12 @@ func (d *device) Ioctl(ctx context.Context, cmd uint32, pid uint32, in, out []by
 		if err != nil {
 			return err
 		}
+		if d.foreign && v != 0 {
+			// A transient device is deleted on last close, and cdevfs
+			// never deletes an interface it did not make.
+			d.c.log.Warn("refused", "action", "TUNSTRANSIENT", "unit", d.link.Name(), "pid", pid, "reason", "interface not made by cdevfs")
+			return syscall.EPERM
+		}
 		if n := d.node.Load(); n != nil {
 			n.SetTransient(v != 0)
 		}

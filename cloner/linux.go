@@ -9,11 +9,16 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -25,25 +30,108 @@ import (
 // made. Creation and attachment are therefore done here with x/sys ioctls;
 // link state and deletion go through github.com/vishvananda/netlink.
 type Linux struct {
-	nl *netlink.Handle
-	ep epoller // started by the first poller
+	nl   *netlink.Handle
+	ep   epoller        // started by the first poller
+	ns   netns.NsHandle // the namespace interfaces live in; -1 for the caller's own
+	mark string         // the ownership mark (interface alias) of our interfaces
+
+	// mu guards closed: every use of nl holds it for reading, Close for
+	// writing, because a closed netlink.Handle silently falls back to the
+	// daemon's own namespace, where an ifindex means another interface.
+	mu     sync.RWMutex
+	closed bool
 }
+
+// LinuxOptions configure a Linux backend.
+type LinuxOptions struct {
+	// Netns is the network namespace to create and watch interfaces in:
+	// a name under /run/netns (ip netns add) or a path to a namespace
+	// file. Empty means the daemon's own.
+	Netns string
+	// Mark is written as the alias of every interface created, so that a
+	// restarted daemon with the same mark knows them (Owner).
+	Mark string
+}
+
+// MarkPrefix starts every cdevfs ownership mark; an alias with it and
+// another suffix belongs to another cdevfs instance.
+const MarkPrefix = "cdevfs:"
 
 // NewLinux returns a backend working in the calling thread's network
-// namespace.
-func NewLinux() (*Linux, error) {
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+// namespace, or in opts.Netns.
+func NewLinux(opts LinuxOptions) (*Linux, error) {
+	b := &Linux{ns: netns.None(), mark: opts.Mark}
+	var err error
+	if opts.Netns != "" {
+		path := NetnsPath(opts.Netns)
+		if b.ns, err = netns.GetFromPath(path); err != nil {
+			return nil, fmt.Errorf("cloner: network namespace %s: %w", path, err)
+		}
+		b.nl, err = netlink.NewHandleAt(b.ns, unix.NETLINK_ROUTE)
+	} else {
+		b.nl, err = netlink.NewHandle(unix.NETLINK_ROUTE)
+	}
 	if err != nil {
+		b.ns.Close()
 		return nil, fmt.Errorf("cloner: netlink: %w", err)
 	}
-	return &Linux{nl: h}, nil
+	return b, nil
 }
 
-// Close releases the netlink socket and stops the poll watcher.
+// NetnsPath is where the namespace named by --netns is: a bare name is
+// one of ip-netns(8)'s, under /run/netns.
+func NetnsPath(name string) string {
+	if strings.ContainsRune(name, '/') {
+		return name
+	}
+	return filepath.Join("/run/netns", name)
+}
+
+// Close releases the netlink socket, the namespace and the poll watcher:
+// after it the backend holds no reference to the namespace, so a deleted
+// namespace can go (with its interfaces). Later calls fail with ENXIO.
 func (b *Linux) Close() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return
+	}
+	b.closed = true
 	b.ep.close()
 	b.nl.Close()
+	b.ns.Close()
 }
+
+// handle runs f with the netlink handle, unless the backend is closed.
+func (b *Linux) handle(f func(h *netlink.Handle) error) error {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	if b.closed {
+		return errClosed
+	}
+	return f(b.nl)
+}
+
+// linkByIndex is LinkByIndex, failing with ErrGone if there is none.
+func (b *Linux) linkByIndex(index int) (link netlink.Link, err error) {
+	if herr := b.handle(func(h *netlink.Handle) error {
+		link, err = h.LinkByIndex(index)
+		return nil
+	}); herr != nil {
+		return nil, herr
+	}
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) || errors.Is(err, unix.ENODEV) {
+			return nil, fmt.Errorf("cloner: ifindex %d: %w", index, ErrGone)
+		}
+		return nil, fmt.Errorf("cloner: ifindex %d: %w", index, err)
+	}
+	return link, nil
+}
+
+// errClosed is what every operation gets once the backend is closed.
+var errClosed = fmt.Errorf("cloner: network namespace released: %w", syscall.ENXIO)
 
 func kindFlags(k Kind) uint16 {
 	if k == Tap {
@@ -52,10 +140,46 @@ func kindFlags(k Kind) uint16 {
 	return unix.IFF_TUN | unix.IFF_NO_PI
 }
 
-// tunSetIff opens /dev/net/tun (nonblocking, so reads go through Go's
-// poller and a blocked read holds no thread) and binds it to name.
-func tunSetIff(name string, flags uint16) (*os.File, error) {
-	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+// openTun opens /dev/net/tun nonblocking (reads go through Go's poller,
+// so a blocked read holds no thread). A tun fd belongs to the namespace of
+// the thread that opens it, and TUNSETIFF makes the interface there, so
+// for --netns the open happens on a thread moved into that namespace.
+func (b *Linux) openTun() (int, error) {
+	b.mu.RLock() // b.ns stays open
+	defer b.mu.RUnlock()
+	if b.closed {
+		return -1, errClosed
+	}
+	if !b.ns.IsOpen() {
+		return unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	}
+	runtime.LockOSThread()
+	own, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return -1, err
+	}
+	defer own.Close()
+	if err := netns.Set(b.ns); err != nil {
+		runtime.UnlockOSThread()
+		return -1, err
+	}
+	fd, oerr := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err := netns.Set(own); err != nil {
+		// The thread is stuck in the other namespace: leave it locked so
+		// the runtime ends it with this goroutine instead of reusing it.
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+		return -1, fmt.Errorf("return to own network namespace: %w", err)
+	}
+	runtime.UnlockOSThread()
+	return fd, oerr
+}
+
+// tunSetIff opens /dev/net/tun and binds it to name.
+func (b *Linux) tunSetIff(name string, flags uint16) (*os.File, error) {
+	fd, err := b.openTun()
 	if err != nil {
 		return nil, fmt.Errorf("open /dev/net/tun: %w", err)
 	}
@@ -75,33 +199,135 @@ func tunSetIff(name string, flags uint16) (*os.File, error) {
 // Create implements Backend: TUNSETIFF with IFF_TUN_EXCL, so an existing
 // device of that name (ours, an administrator's, or not a tun at all) is
 // never attached to; then TUNSETPERSIST so the interface outlives its fd
-// like a FreeBSD tun outlives its last close.
+// like a FreeBSD tun outlives its last close; then the ownership mark.
 func (b *Linux) Create(name string, kind Kind, attach bool) (Link, error) {
-	f, err := tunSetIff(name, kindFlags(kind)|unix.IFF_TUN_EXCL)
+	f, err := b.tunSetIff(name, kindFlags(kind)|unix.IFF_TUN_EXCL)
 	if errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EEXIST) {
 		return nil, fmt.Errorf("%w (%v)", syscall.EEXIST, err)
 	}
 	if err != nil {
 		return nil, err
 	}
-	l := &linuxLink{b: b, name: name, kind: kind, woken: make(chan struct{}), readSem: make(chan struct{}, 1), watchFd: -1}
+	l := b.newLink(name, kind, kindFlags(kind), OwnerSelf)
 	if err := ioctlInt(f, unix.TUNSETPERSIST, 1); err != nil {
 		f.Close() // not persistent yet: closing removes it
 		return nil, fmt.Errorf("TUNSETPERSIST %s: %w", name, err)
 	}
-	link, err := b.nl.LinkByName(name)
+	err = b.handle(func(h *netlink.Handle) error {
+		link, err := h.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("look up %s: %w", name, err)
+		}
+		l.index = link.Attrs().Index
+		if b.mark != "" {
+			if err := h.LinkSetAlias(link, b.mark); err != nil {
+				return fmt.Errorf("mark %s: %w", name, err)
+			}
+		}
+		return nil
+	})
 	if err != nil {
 		_ = ioctlInt(f, unix.TUNSETPERSIST, 0)
 		f.Close()
-		return nil, fmt.Errorf("look up %s: %w", name, err)
+		return nil, err
 	}
-	l.index = link.Attrs().Index
 	if attach {
 		l.f = f
 	} else {
 		f.Close()
 	}
 	return l, nil
+}
+
+func (b *Linux) newLink(name string, kind Kind, flags uint16, owner Owner) *linuxLink {
+	return &linuxLink{b: b, name: name, kind: kind, flags: flags, foreign: owner != OwnerSelf,
+		woken: make(chan struct{}), readSem: make(chan struct{}, 1), watchFd: -1}
+}
+
+// Adopt implements Backend.
+func (b *Linux) Adopt(index int) (Link, LinkInfo, error) {
+	link, err := b.linkByIndex(index)
+	if err != nil {
+		return nil, LinkInfo{}, err
+	}
+	info := b.linkInfo(link)
+	if !info.TunTap {
+		return nil, info, fmt.Errorf("cloner: %s is not a tun/tap device: %w", info.Name, syscall.EBUSY)
+	}
+	l := b.newLink(info.Name, info.Kind, b.attachFlags(link.(*netlink.Tuntap)), info.Owner)
+	l.index = index
+	return l, info, nil
+}
+
+// linkInfo describes a netlink link for the watch.
+func (b *Linux) linkInfo(link netlink.Link) LinkInfo {
+	a := link.Attrs()
+	info := LinkInfo{Name: a.Name, Index: a.Index}
+	switch {
+	case a.Alias == "" || !strings.HasPrefix(a.Alias, MarkPrefix):
+		info.Owner = OwnerNone
+	case a.Alias == b.mark:
+		info.Owner = OwnerSelf
+	default:
+		info.Owner = OwnerOther
+	}
+	if tt, ok := link.(*netlink.Tuntap); ok {
+		info.TunTap = true
+		info.Persist = !tt.NonPersist
+		if tt.Mode == netlink.TUNTAP_MODE_TAP {
+			info.Kind = Tap
+		}
+	}
+	return info
+}
+
+// tunFeatures are the tun_flags bits TUNSETIFF on an existing interface
+// overwrites with the caller's (drivers/net/tun.c, TUN_FEATURES): an
+// attach that means to change nothing passes them as they are.
+const tunFeatures = unix.IFF_NO_PI | unix.IFF_ONE_QUEUE | unix.IFF_VNET_HDR |
+	unix.IFF_MULTI_QUEUE | unix.IFF_NAPI | unix.IFF_NAPI_FRAGS
+
+// attachFlags are the TUNSETIFF flags that attach to tt without changing
+// its tun_flags: the exact ones from sysfs when sysfs shows our namespace,
+// else what netlink reports (IFLA_TUN_*: all but the NAPI bits, which
+// only a program asking for them sets).
+func (b *Linux) attachFlags(tt *netlink.Tuntap) uint16 {
+	typ := uint16(unix.IFF_TUN)
+	if tt.Mode == netlink.TUNTAP_MODE_TAP {
+		typ = unix.IFF_TAP
+	}
+	if !b.ns.IsOpen() {
+		if v, ok := sysfsTunFlags(tt.Name, tt.Index); ok {
+			return typ | v&tunFeatures
+		}
+	}
+	f := typ
+	if tt.Flags&netlink.TUNTAP_NO_PI != 0 {
+		f |= unix.IFF_NO_PI
+	}
+	if tt.Flags&netlink.TUNTAP_VNET_HDR != 0 {
+		f |= unix.IFF_VNET_HDR
+	}
+	if tt.Flags&netlink.TUNTAP_MULTI_QUEUE != 0 {
+		f |= unix.IFF_MULTI_QUEUE
+	}
+	return f
+}
+
+// sysfsTunFlags reads /sys/class/net/NAME/tun_flags, if NAME there is
+// still the interface with ifindex index.
+func sysfsTunFlags(name string, index int) (uint16, bool) {
+	dir := filepath.Join("/sys/class/net", name)
+	ib, err := os.ReadFile(filepath.Join(dir, "ifindex"))
+	if err != nil || strings.TrimSpace(string(ib)) != strconv.Itoa(index) {
+		return 0, false
+	}
+	fb, err := os.ReadFile(filepath.Join(dir, "tun_flags"))
+	if err != nil {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(strings.TrimPrefix(strings.TrimSpace(string(fb)), "0x"), 16, 16)
+	return uint16(v), err == nil
 }
 
 func ioctlInt(f *os.File, req uint, v int) error {
@@ -117,10 +343,12 @@ func ioctlInt(f *os.File, req uint, v int) error {
 }
 
 type linuxLink struct {
-	b     *Linux
-	name  string
-	kind  Kind
-	index int // the kernel's ifindex: survives a rename, not a re-create
+	b       *Linux
+	name    string
+	kind    Kind
+	index   int    // the kernel's ifindex: survives a rename, not a re-create
+	flags   uint16 // TUNSETIFF flags that attach without changing tun_flags
+	foreign bool   // not made by this cdevfs: never set down or deleted
 
 	// readSem lets one reader at a time block in f.Read, so a deadline set
 	// to wake it (interrupt or revoke) can only hit that reader.
@@ -163,12 +391,12 @@ func (l *linuxLink) Attach(ctx context.Context) error {
 	if l.f != nil {
 		return nil
 	}
-	link, err := l.b.nl.LinkByIndex(l.index)
+	link, err := l.b.linkByIndex(l.index)
 	if err != nil {
 		return ErrGone
 	}
 	name := link.Attrs().Name
-	f, err := tunSetIff(name, kindFlags(l.kind))
+	f, err := l.b.tunSetIff(name, l.flags)
 	if errors.Is(err, unix.EBUSY) {
 		return fmt.Errorf("cloner: %s is attached elsewhere: %w", name, syscall.EBUSY)
 	}
@@ -180,7 +408,11 @@ func (l *linuxLink) Attach(ctx context.Context) error {
 		f.Close()
 		return ErrGone
 	}
-	if now, err := l.b.nl.LinkByName(name); err != nil || now.Attrs().Index != l.index {
+	var now netlink.Link
+	if err := l.b.handle(func(h *netlink.Handle) (err error) {
+		now, err = h.LinkByName(name)
+		return err
+	}); err != nil || now.Attrs().Index != l.index {
 		f.Close()
 		return ErrGone
 	}
@@ -202,6 +434,8 @@ func tunFlags(f *os.File) (uint16, error) {
 }
 
 // Detach implements Link: link down, then close the fd (like tunclose()).
+// An adopted interface is not set down: closing leaves it exactly as its
+// maker left it (issue 5).
 func (l *linuxLink) Detach() error {
 	l.mu.Lock()
 	f := l.f
@@ -209,8 +443,10 @@ func (l *linuxLink) Detach() error {
 	l.unwatchLocked()
 	l.mu.Unlock()
 	var err error
-	if link, lerr := l.b.nl.LinkByIndex(l.index); lerr == nil {
-		err = l.b.nl.LinkSetDown(link)
+	if !l.foreign {
+		if link, lerr := l.b.linkByIndex(l.index); lerr == nil {
+			err = l.b.handle(func(h *netlink.Handle) error { return h.LinkSetDown(link) })
+		}
 	}
 	if f != nil {
 		f.Close()
@@ -284,9 +520,8 @@ func (l *linuxLink) gone(f *os.File) bool {
 	if _, err := tunFlags(f); errors.Is(err, unix.EBADFD) {
 		return true
 	}
-	_, err := l.b.nl.LinkByIndex(l.index)
-	var nf netlink.LinkNotFoundError
-	return errors.As(err, &nf)
+	_, err := l.b.linkByIndex(l.index)
+	return errors.Is(err, ErrGone)
 }
 
 // readOnce is the O_NONBLOCK read: one read(2), EAGAIN if nothing is queued.
@@ -420,7 +655,7 @@ func (l *linuxLink) unwatchLocked() {
 
 // MTU implements Link.
 func (l *linuxLink) MTU() (int, bool, error) {
-	link, err := l.b.nl.LinkByIndex(l.index)
+	link, err := l.b.linkByIndex(l.index)
 	if err != nil {
 		return 0, false, ErrGone
 	}
@@ -430,21 +665,25 @@ func (l *linuxLink) MTU() (int, bool, error) {
 
 // SetMTU implements Link.
 func (l *linuxLink) SetMTU(mtu int) error {
-	link, err := l.b.nl.LinkByIndex(l.index)
+	link, err := l.b.linkByIndex(l.index)
 	if err != nil {
 		return ErrGone
 	}
-	return l.b.nl.LinkSetMTU(link, mtu)
+	return l.b.handle(func(h *netlink.Handle) error { return h.LinkSetMTU(link, mtu) })
 }
 
 // Delete implements Link: RTM_DELLINK by ifindex, so a renamed interface
 // is still the one deleted; an interface already gone is not an error.
+// An adopted foreign interface is never deleted.
 func (l *linuxLink) Delete() error {
-	link, err := l.b.nl.LinkByIndex(l.index)
-	if err != nil {
+	if l.foreign {
 		return nil
 	}
-	if err := l.b.nl.LinkDel(link); err != nil && !errors.Is(err, unix.ENODEV) {
+	link, err := l.b.linkByIndex(l.index)
+	if err != nil {
+		return nil // gone already, or the namespace was released
+	}
+	if err := l.b.handle(func(h *netlink.Handle) error { return h.LinkDel(link) }); err != nil && !errors.Is(err, unix.ENODEV) {
 		return fmt.Errorf("delete %s: %w", l.name, err)
 	}
 	return nil

@@ -89,7 +89,7 @@ func ltRequireNetns(t testing.TB) *Linux {
 		ltUnavailable(t, "cannot configure links (no CAP_NET_ADMIN?): %v", err)
 	}
 	ltFdCheck(t)
-	b, err := NewLinux()
+	b, err := NewLinux(LinuxOptions{})
 	if err != nil {
 		t.Fatalf("NewLinux: %v", err)
 	}

@@ -561,11 +561,13 @@ func (r *Registry) Live() int64 { return r.live.Load() }
 
 // DestroySched marks n dying at once and queues its destroy to the worker
 // (destroy_dev_sched). Safe to call from an in-flight operation of n.
-func (r *Registry) DestroySched(n *Node) {
+// It reports whether it did: false if n was dying already.
+func (r *Registry) DestroySched(n *Node) bool {
 	if !n.markDying() {
-		return
+		return false
 	}
 	r.schedDying(n)
+	return true
 }
 
 // schedDying queues the destroy of n, which the caller has just marked

@@ -50,7 +50,7 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := checkMountpoint(dir); err != nil {
+	if err := checkMountpoint(dir, o.Log); err != nil {
 		return nil, err
 	}
 	dev, err := openFuse(dir, o.AllowOther, maxWrite)
@@ -118,38 +118,54 @@ func (m *Mount) Close() {
 
 // checkMountpoint refuses a missing directory or one that is already a
 // mount point, with a message a user can act on.
-func checkMountpoint(dir string) error {
+func checkMountpoint(dir string, log *slog.Logger) error {
 	st, err := os.Stat(dir)
-	if err != nil {
-		var errno syscall.Errno
-		if errors.As(err, &errno) && errno == syscall.ENOTCONN {
-			return fmt.Errorf("mountpoint %s: a dead FUSE mount is there (transport endpoint is not connected); unmount it with umount -l %s", dir, dir)
+	if errors.Is(err, syscall.ENOTCONN) {
+		// A daemon that died (kill -9) leaves its mount behind, and every
+		// access fails with ENOTCONN. One of ours is cleaned up so that a
+		// restart just works; anyone else's is reported.
+		if fstype, _ := mountAt(dir); fstype != "fuse.cdevfs" {
+			return fmt.Errorf("mountpoint %s: a dead FUSE mount (%s) is there (transport endpoint is not connected); unmount it with umount -l %s", dir, fstype, dir)
 		}
+		if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
+			return fmt.Errorf("mountpoint %s: unmount the stale cdevfs mount: %w", dir, err)
+		}
+		log.Warn("unmounted a stale cdevfs mount left by a daemon that died", "mountpoint", dir)
+		st, err = os.Stat(dir)
+	}
+	if err != nil {
 		return fmt.Errorf("mountpoint %s: %w", dir, errors.Unwrap(err))
 	}
 	if !st.IsDir() {
 		return fmt.Errorf("mountpoint %s: not a directory", dir)
 	}
-	if mounted, err := isMountpoint(dir); err == nil && mounted {
-		return fmt.Errorf("mountpoint %s: already in use (something is mounted there)", dir)
+	if fstype, ok := mountAt(dir); ok {
+		return fmt.Errorf("mountpoint %s: already in use (%s is mounted there)", dir, fstype)
 	}
 	return nil
 }
 
-// isMountpoint reports whether dir is a mount point of this mount
-// namespace, from /proc/self/mountinfo (field 5 is the mount point).
-func isMountpoint(dir string) (bool, error) {
+// mountAt returns the filesystem type of the topmost mount at dir in this
+// mount namespace, from /proc/self/mountinfo (field 5 is the mount point,
+// the type follows the " - " separator).
+func mountAt(dir string) (fstype string, ok bool) {
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
-		return false, err
+		return "", false
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
-		if len(f) > 4 && unescapeMount(f[4]) == dir {
-			return true, nil
+		if len(f) <= 4 || unescapeMount(f[4]) != dir {
+			continue
+		}
+		ok = true
+		for i, x := range f {
+			if x == "-" && i+1 < len(f) {
+				fstype = f[i+1]
+			}
 		}
 	}
-	return false, nil
+	return fstype, ok
 }
 
 func unescapeMount(s string) string {

@@ -14,7 +14,8 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-
+	"path/filepath"
+	"sync"
 	"syscall"
 
 	"github.com/cdevfs/cdevfs/cloner"
@@ -66,6 +67,8 @@ type mountFlags struct {
 	maxUnit    int
 	debug      bool
 	logLevel   slog.Level
+	netns      string
+	orphans    string
 }
 
 func mountCmd(args []string, stdout, stderr io.Writer) int {
@@ -76,6 +79,8 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 	fl.IntVar(&f.maxUnit, "max-unit", cloner.DefaultMaxUnit, "highest tun/tap unit number")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request (implies --log-level debug)")
 	fl.TextVar(&f.logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
+	fl.StringVar(&f.netns, "netns", "", "create and watch interfaces in this network namespace: a name of `ip netns` or a path (default: the daemon's own)")
+	fl.StringVar(&f.orphans, "orphans", "adopt", "what to do at start with interfaces a killed cdevfs left at this mountpoint: adopt or destroy")
 	fl.Usage = func() {
 		fmt.Fprint(fl.Output(), "usage: cdevfs mount [flags] MOUNTPOINT\n\nflags:\n")
 		fl.PrintDefaults()
@@ -92,6 +97,10 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 	}
 	if f.debug {
 		f.logLevel = slog.LevelDebug
+	}
+	if f.orphans != "adopt" && f.orphans != "destroy" {
+		fmt.Fprintf(stderr, "cdevfs: --orphans %q: want adopt or destroy\n", f.orphans)
+		return 2
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: f.logLevel}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -112,7 +121,13 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		return fmt.Errorf("no /dev/fuse: %w (is the fuse module loaded?)", errors.Unwrap(err))
 	}
-	be, err := cloner.NewLinux()
+	mnt, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	// The mark ties interfaces to this mountpoint, so a daemon restarted
+	// on it after a crash knows them, and another instance leaves them be.
+	be, err := cloner.NewLinux(cloner.LinuxOptions{Netns: f.netns, Mark: cloner.MarkPrefix + mnt})
 	if err != nil {
 		return err
 	}
@@ -122,18 +137,10 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 	var prefixes []string
 	var cloners []*cloner.Cloner
 	for _, k := range kinds {
-		cloners = append(cloners, cloner.New(k, be, reg, f.maxUnit, log))
+		c := cloner.New(k, be, reg, f.maxUnit, log)
+		c.DestroyOrphans(f.orphans == "destroy")
+		cloners = append(cloners, c)
 		prefixes = append(prefixes, k.Prefix())
-	}
-	stopWatch := make(chan struct{})
-	defer close(stopWatch)
-	err = be.Watch(stopWatch, func(index int) {
-		for _, c := range cloners {
-			c.LinkDeleted(index)
-		}
-	}, func(err error) { log.Error("netlink watch", "error", err) })
-	if err != nil {
-		return err
 	}
 	cloneable := func(name string) bool {
 		for _, k := range kinds {
@@ -144,9 +151,35 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 		return false
 	}
 	root := cfs.NewRoot(reg, prefixes, cloneable, log)
+	// Mount before following the kernel: the mountpoint check refuses a
+	// second daemon on a live mount before it could adopt (and at its
+	// exit delete) the interfaces of the first, which carry the same mark.
 	m, err := cfs.New(dir, root, cfs.MountOptions{AllowOther: f.allowOther, Debug: f.debug, Log: log})
 	if err != nil {
 		reg.Shutdown(context.Background(), nil)
+		return err
+	}
+	stopWatch := make(chan struct{})
+	var stopOnce sync.Once
+	stop := func() { stopOnce.Do(func() { close(stopWatch) }) }
+	// shutdown is the fixed close order: stop accepting (no clone, no
+	// watch), revoke every node, drain in-flight operations, unmount,
+	// delete the interfaces cdevfs created (in one batch), then destroy
+	// the nodes and close their fds; the backend's fds close last.
+	shutdown := func() {
+		stop() // the deletions below are ours, not news
+		reg.Shutdown(context.Background(), func() {
+			if err := m.Unmount(); err != nil {
+				log.Error("unmount", "error", err)
+			}
+			if err := cloner.DeleteCreated(be, cloners...); err != nil {
+				log.Error("delete interfaces", "error", err)
+			}
+		})
+		m.Close()
+	}
+	if err := follow(be, reg, cloners, f.netns, stopWatch, stop, log); err != nil {
+		shutdown()
 		return err
 	}
 	log.Info("serving", "mountpoint", m.Dir(), "pid", os.Getpid())
@@ -155,12 +188,43 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 	}
 	<-ctx.Done()
 	log.Info("shutting down", "mountpoint", m.Dir())
-	reg.Shutdown(context.Background(), func() {
-		if err := m.Unmount(); err != nil {
-			log.Error("unmount", "error", err)
-		}
-	})
-	m.Close()
+	shutdown()
 	log.Info("stopped")
 	return nil
+}
+
+// follow makes the tree follow the kernel until stopWatch closes: one
+// netlink subscription adopts interfaces that appear (and lists those
+// there now) and revokes the nodes of deleted ones; with --netns, the
+// deletion of the namespace retires every tun and tap device.
+func follow(be *cloner.Linux, reg *devnode.Registry, cloners []*cloner.Cloner, ns string, stopWatch chan struct{}, stop func(), log *slog.Logger) error {
+	onError := func(err error) { log.Error("watch", "error", err) }
+	err := be.Watch(stopWatch, cloner.Watcher{
+		Appeared: func(info cloner.LinkInfo) {
+			for _, c := range cloners {
+				c.LinkAppeared(info)
+			}
+		},
+		Deleted: func(index int) {
+			for _, c := range cloners {
+				c.LinkDeleted(index)
+			}
+		},
+		Error: onError,
+	})
+	if err != nil || ns == "" {
+		return err
+	}
+	return cloner.WatchNetnsGone(cloner.NetnsPath(ns), stopWatch, func() {
+		// Like a VNET jail's teardown (seed 002): every device of the
+		// namespace is destroyed; the static nodes stay.
+		log.Warn("network namespace deleted: revoking its devices", "netns", ns)
+		stop()
+		for _, c := range cloners {
+			c.Retire(context.Background())
+		}
+		reg.DrainSched()
+		be.Close() // let go of the namespace, so the kernel can free it
+		log.Info("network namespace released; tun and tap now fail with ENXIO", "netns", ns)
+	}, onError)
 }
