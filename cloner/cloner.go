@@ -281,6 +281,10 @@ func (d *device) Destroy(unlink func()) error {
 	defer d.c.mu.Unlock()
 	unlink()
 	err := d.link.Delete()
+	// The fd goes now, not at the last reference (a handle may stay open
+	// long after): it holds the interface's network namespace, which a
+	// deleted namespace needs to be freed.
+	_ = d.link.Detach()
 	delete(d.c.units, d.unit)
 	if d.c.byIndex[d.link.Index()] == d {
 		delete(d.c.byIndex, d.link.Index())

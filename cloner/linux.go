@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -254,7 +253,7 @@ func (b *Linux) Adopt(index int) (Link, LinkInfo, error) {
 	if !info.TunTap {
 		return nil, info, fmt.Errorf("cloner: %s is not a tun/tap device: %w", info.Name, syscall.EBUSY)
 	}
-	l := b.newLink(info.Name, info.Kind, b.attachFlags(link.(*netlink.Tuntap)), info.Owner)
+	l := b.newLink(info.Name, info.Kind, attachFlags(link.(*netlink.Tuntap)), info.Owner)
 	l.index = index
 	return l, info, nil
 }
@@ -281,27 +280,19 @@ func (b *Linux) linkInfo(link netlink.Link) LinkInfo {
 	return info
 }
 
-// tunFeatures are the tun_flags bits TUNSETIFF on an existing interface
-// overwrites with the caller's (drivers/net/tun.c, TUN_FEATURES): an
-// attach that means to change nothing passes them as they are.
-const tunFeatures = unix.IFF_NO_PI | unix.IFF_ONE_QUEUE | unix.IFF_VNET_HDR |
-	unix.IFF_MULTI_QUEUE | unix.IFF_NAPI | unix.IFF_NAPI_FRAGS
-
 // attachFlags are the TUNSETIFF flags that attach to tt without changing
-// its tun_flags: the exact ones from sysfs when sysfs shows our namespace,
-// else what netlink reports (IFLA_TUN_*: all but the NAPI bits, which
-// only a program asking for them sets).
-func (b *Linux) attachFlags(tt *netlink.Tuntap) uint16 {
-	typ := uint16(unix.IFF_TUN)
+// its tun_flags. TUNSETIFF on an existing interface overwrites the
+// TUN_FEATURES bits of tun_flags with the caller's (drivers/net/tun.c), so
+// they are passed as netlink reports them (IFLA_TUN_PI, _VNET_HDR,
+// _MULTI_QUEUE). Netlink does not report IFF_ONE_QUEUE (obsolete, ignored
+// by the kernel) or IFF_NAPI*, and sysfs cannot be trusted to show the
+// daemon's namespace (a daemon in its own netns usually shares the host's
+// /sys), so an interface made with those loses them when cdevfs attaches.
+func attachFlags(tt *netlink.Tuntap) uint16 {
+	f := uint16(unix.IFF_TUN)
 	if tt.Mode == netlink.TUNTAP_MODE_TAP {
-		typ = unix.IFF_TAP
+		f = unix.IFF_TAP
 	}
-	if !b.ns.IsOpen() {
-		if v, ok := sysfsTunFlags(tt.Name, tt.Index); ok {
-			return typ | v&tunFeatures
-		}
-	}
-	f := typ
 	if tt.Flags&netlink.TUNTAP_NO_PI != 0 {
 		f |= unix.IFF_NO_PI
 	}
@@ -312,22 +303,6 @@ func (b *Linux) attachFlags(tt *netlink.Tuntap) uint16 {
 		f |= unix.IFF_MULTI_QUEUE
 	}
 	return f
-}
-
-// sysfsTunFlags reads /sys/class/net/NAME/tun_flags, if NAME there is
-// still the interface with ifindex index.
-func sysfsTunFlags(name string, index int) (uint16, bool) {
-	dir := filepath.Join("/sys/class/net", name)
-	ib, err := os.ReadFile(filepath.Join(dir, "ifindex"))
-	if err != nil || strings.TrimSpace(string(ib)) != strconv.Itoa(index) {
-		return 0, false
-	}
-	fb, err := os.ReadFile(filepath.Join(dir, "tun_flags"))
-	if err != nil {
-		return 0, false
-	}
-	v, err := strconv.ParseUint(strings.TrimPrefix(strings.TrimSpace(string(fb)), "0x"), 16, 16)
-	return uint16(v), err == nil
 }
 
 func ioctlInt(f *os.File, req uint, v int) error {

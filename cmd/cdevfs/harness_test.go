@@ -128,9 +128,19 @@ type daemon struct {
 func startDaemon(t *testing.T, flags ...string) *daemon {
 	t.Helper()
 	requireKernel(t)
-	d := &daemon{t: t, dir: t.TempDir(), done: make(chan struct{})}
+	return startDaemonAt(t, t.TempDir(), flags...)
+}
+
+// startDaemonAt mounts a tree at dir (a restart after a crash reuses it).
+func startDaemonAt(t *testing.T, dir string, flags ...string) *daemon {
+	t.Helper()
+	requireKernel(t)
+	d := &daemon{t: t, dir: dir, done: make(chan struct{})}
 	args := append([]string{"--net", "--", cdevfs, "mount"}, flags...)
 	d.cmd = exec.Command("unshare", append(args, d.dir)...)
+	// The race runtime sleeps 1 s at exit (atexit_sleep_ms) to catch late
+	// reports; that is not the daemon's shutdown time.
+	d.cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0")
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
