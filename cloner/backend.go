@@ -49,6 +49,8 @@ type Backend interface {
 	// it is now. The Link attaches with the interface's own flags and,
 	// unless info.Owner is OwnerSelf, never sets it down or deletes it.
 	Adopt(index int) (Link, LinkInfo, error)
+	// Find describes the interface named name, if there is one.
+	Find(name string) (LinkInfo, error)
 }
 
 // BatchDeleter is a Backend that deletes many interfaces faster at once

@@ -171,8 +171,17 @@ func (c *Cloner) LinkAppeared(info LinkInfo) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.adoptLocked(u, info)
+}
+
+// adoptLocked gives the interface info a node as unit u, if it has none.
+// Called with c.mu held.
+func (c *Cloner) adoptLocked(u int, info LinkInfo) {
 	if c.retired || c.units[u] || c.byIndex[info.Index] != nil {
-		return // ours already (the event of our own create), or the name is taken
+		// Ours already (the event of our own create), or the name is
+		// taken: by a node being destroyed, whose Destroy then looks
+		// the name up again (rescanLocked).
+		return
 	}
 	// Events lag: the interface may have gone, or changed, since.
 	link, now, err := c.be.Adopt(info.Index)
@@ -218,6 +227,19 @@ func DeleteCreated(be BatchDeleter, cs ...*Cloner) error {
 		c.mu.Unlock()
 	}
 	return be.DeleteMany(idx)
+}
+
+// rescanLocked adopts an interface named like unit u that appeared while
+// the unit was still taken by a node being destroyed: its watch event was
+// ignored then. Called with c.mu held.
+func (c *Cloner) rescanLocked(u int) {
+	if c.retired {
+		return
+	}
+	if info, err := c.be.Find(fmt.Sprintf("%s%d", c.kind.Prefix(), u)); err == nil &&
+		info.TunTap && info.Kind == c.kind && info.Owner != OwnerOther {
+		c.adoptLocked(u, info)
+	}
 }
 
 // Retire is for a network namespace that is gone (ip netns del): it
@@ -289,6 +311,7 @@ func (d *device) Destroy(unlink func()) error {
 	if d.c.byIndex[d.link.Index()] == d {
 		delete(d.c.byIndex, d.link.Index())
 	}
+	defer d.c.rescanLocked(d.unit)
 	if d.foreign {
 		d.c.log.Info("forget", "unit", d.link.Name(), "ifindex", d.link.Index(), "reason", "not made by cdevfs: interface kept")
 	} else {

@@ -108,6 +108,16 @@ func (f *Fake) AddExternal(name string, kind Kind, owner Owner) LinkInfo {
 	return LinkInfo{Name: name, Index: l.index, TunTap: true, Kind: kind, Persist: true, Owner: owner}
 }
 
+// Find implements Backend.
+func (f *Fake) Find(name string) (LinkInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if l := f.links[name]; l != nil {
+		return LinkInfo{Name: name, Index: l.index, TunTap: true, Kind: l.kind, Persist: true, Owner: l.owner}, nil
+	}
+	return LinkInfo{}, fmt.Errorf("fake: %s: %w", name, ErrGone)
+}
+
 // Adopt implements Backend.
 func (f *Fake) Adopt(index int) (Link, LinkInfo, error) {
 	f.mu.Lock()

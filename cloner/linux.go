@@ -258,6 +258,19 @@ func (b *Linux) Adopt(index int) (Link, LinkInfo, error) {
 	return l, info, nil
 }
 
+// Find implements Backend.
+func (b *Linux) Find(name string) (LinkInfo, error) {
+	var link netlink.Link
+	err := b.handle(func(h *netlink.Handle) (err error) {
+		link, err = h.LinkByName(name)
+		return err
+	})
+	if err != nil {
+		return LinkInfo{}, fmt.Errorf("cloner: %s: %w", name, err)
+	}
+	return b.linkInfo(link), nil
+}
+
 // linkInfo describes a netlink link for the watch.
 func (b *Linux) linkInfo(link netlink.Link) LinkInfo {
 	a := link.Attrs()

@@ -119,7 +119,8 @@ func ltFdCheck(t testing.TB) {
 		}
 		for fd, target := range after {
 			if before[fd] != target {
-				t.Logf("new fd %s -> %s", fd, target)
+				info, _ := os.ReadFile("/proc/self/fdinfo/" + fd)
+				t.Logf("new fd %s -> %s %q", fd, target, strings.Join(strings.Fields(string(info)), " "))
 			}
 		}
 		for fd, target := range before {
