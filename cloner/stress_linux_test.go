@@ -197,4 +197,3 @@ func stressInvariants(t *testing.T, b *Linux, reg *devnode.Registry, c *Cloner) 
 	}
 	return problems
 }
-
