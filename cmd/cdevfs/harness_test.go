@@ -194,8 +194,8 @@ func (d *daemon) stop() {
 	select {
 	case <-d.done:
 	case <-time.After(60 * time.Second):
-		// Generous: each kernel link deletion takes ~16 ms, so a daemon
-		// with 1,000 interfaces needs ~16 s to destroy them.
+		// Generous: a slow machine must not fail here; a hung shutdown
+		// still does.
 		d.cmd.Process.Kill()
 		<-d.done
 		t.Errorf("cdevfs did not exit within 60s of SIGTERM:\n%s", d.log())
