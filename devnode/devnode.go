@@ -108,8 +108,10 @@ type Node struct {
 	// Zero means released: TryRef fails, never resurrects.
 	refs atomic.Int64
 
-	// attr is the node's owner, mode and creation time (FreeBSD's si_uid,
-	// si_gid, si_mode, si_ctime): set at Make, changed by SetAttr.
+	// attr is the node's owner, mode, times and hidden flag (FreeBSD's
+	// si_uid, si_gid, si_mode, si_*time, and the DE_WHITEOUT of its one
+	// devfs entry): set at Make (through the registry's policy), changed
+	// by SetAttr and UpdateAttr.
 	attr Attr
 
 	mu      sync.Mutex // guards flags, busy, destroyed, attr
@@ -131,11 +133,15 @@ func (n *Node) Name() string { return n.name }
 // never alias a fresh device.
 func (n *Node) Ino() uint64 { return n.ino }
 
-// Attr is a node's owner, mode (permission bits) and creation time.
+// Attr is a node's owner, mode (permission bits), times and whether
+// devfs rules hide it. cdevfs serves one mount per registry, so the
+// attributes FreeBSD keeps per devfs entry (de_uid, de_mode, DE_WHITEOUT)
+// live here with the node.
 type Attr struct {
-	Mode     uint32
-	Uid, Gid uint32
-	Ctime    time.Time
+	Mode                uint32
+	Uid, Gid            uint32
+	Atime, Mtime, Ctime time.Time
+	Hidden              bool
 }
 
 // Attr returns the node's attributes.
@@ -145,11 +151,21 @@ func (n *Node) Attr() Attr {
 	return n.attr
 }
 
-// SetAttr replaces the node's owner and mode (chmod, chown, rules).
+// SetAttr replaces the node's attributes.
 func (n *Node) SetAttr(a Attr) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.attr = a
+}
+
+// UpdateAttr changes the node's attributes with f in one critical
+// section, so that a chmod and a rules reload racing on the same node
+// never lose one another's change. f runs under Node.mu: it must not
+// block or call back into the node.
+func (n *Node) UpdateAttr(f func(*Attr)) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	f(&n.attr)
 }
 
 // Device returns the node's driver.
@@ -425,6 +441,10 @@ type Registry struct {
 	// destroyHook runs before a node's backing object is destroyed (tests
 	// hold it to widen race windows).
 	destroyHook func(*Node)
+
+	// policy sets a new node's attributes before it is published (devfs
+	// rules, devfs_rules_apply in FreeBSD's devfs_populate). Guarded by mu.
+	policy func(name string, a *Attr)
 }
 
 // NewRegistry returns an empty registry with its DestroySched worker
@@ -445,6 +465,19 @@ func NewRegistry() *Registry {
 // and before the backing object is destroyed. For tests.
 func (r *Registry) SetDestroyHook(f func(*Node)) { r.destroyHook = f }
 
+// SetAttrPolicy installs f, which sets the attributes of every node
+// made from now on before its name is published, so no caller ever sees
+// a node without them (a hidden node is never visible, not even for a
+// moment). f runs under the registry's lock: it must be quick and must
+// not call the registry. Whoever changes what f decides must re-apply it
+// to the nodes that exist: a Make that runs concurrently either sees the
+// new decision or is in List by the time the caller lists.
+func (r *Registry) SetAttrPolicy(f func(name string, a *Attr)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.policy = f
+}
+
 // AddCloner registers a clone handler (the dev_clone event handler).
 func (r *Registry) AddCloner(f CloneFunc) {
 	r.mu.Lock()
@@ -464,8 +497,9 @@ func (r *Registry) Make(name string, dev Device, open bool) (*Node, error) {
 		drained:   make(chan struct{}),
 		abandoned: make(chan struct{}),
 		destroyed: make(chan struct{}),
-		attr:      Attr{Mode: 0600, Ctime: time.Now()}, // DESIGN.md: root:root 0600
 	}
+	now := time.Now()
+	n.attr = Attr{Mode: 0600, Atime: now, Mtime: now, Ctime: now} // DESIGN.md: root:root 0600
 	if open {
 		n.flags |= FlagOpen
 	}
@@ -477,6 +511,9 @@ func (r *Registry) Make(name string, dev Device, open bool) (*Node, error) {
 	}
 	if _, ok := r.nodes[name]; ok {
 		return nil, ErrExists
+	}
+	if r.policy != nil {
+		r.policy(name, &n.attr)
 	}
 	r.nodes[name] = n
 	r.live.Add(1)
