@@ -10,11 +10,17 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/cdevfs/cdevfs/devnode"
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
-// capNetAdmin is CAP_NET_ADMIN's bit in /proc/PID/status CapEff.
-const capNetAdmin = 12
+// Capability bits in /proc/PID/status CapEff (linux/capability.h).
+const (
+	capChown    = 0  // CAP_CHOWN: chown to anyone, chgrp to any group
+	capFowner   = 3  // CAP_FOWNER: chmod and set times of files one does not own
+	capFsetid   = 4  // CAP_FSETID: keep S_ISGID on chmod outside the group
+	capNetAdmin = 12 // CAP_NET_ADMIN: create interfaces (clone)
+)
 
 // caller returns the FUSE caller of a request.
 func caller(ctx context.Context) fuse.Caller {
@@ -24,18 +30,88 @@ func caller(ctx context.Context) fuse.Caller {
 	return fuse.Caller{}
 }
 
-// privileged reports whether the caller may clone interfaces: uid 0 or
-// CAP_NET_ADMIN in its effective set (DESIGN.md, "Open, close, destroy").
-func privileged(c fuse.Caller) bool {
+// creds are a FUSE caller's credentials. The kernel passes the uid, gid
+// and pid; the supplementary groups and effective capabilities come from
+// /proc/PID/status, read once per request that needs them. The daemon
+// checks permissions itself (no default_permissions mount option), so
+// that every refusal reaches it and is logged; these are the facts the
+// kernel's checks would use.
+type creds struct {
+	uid, gid, pid uint32
+	groups        []uint32
+	capEff        uint64
+}
+
+// credsOf reads the caller's credentials. uid 0 needs nothing more (it
+// is treated as holding every capability, as cdevfs always has); if the
+// caller's /proc entry cannot be read (it exited, or lives in another pid
+// namespace) it has no supplementary group and no capability.
+func credsOf(ctx context.Context) *creds {
+	c := caller(ctx)
+	cr := &creds{uid: c.Uid, gid: c.Gid, pid: c.Pid}
 	if c.Uid == 0 {
-		return true
+		return cr
 	}
 	st, err := procStatus(c.Pid)
 	if err != nil {
-		return false
+		return cr
 	}
-	eff, err := strconv.ParseUint(st["CapEff"], 16, 64)
-	return err == nil && eff&(1<<capNetAdmin) != 0
+	cr.capEff, _ = strconv.ParseUint(st["CapEff"], 16, 64)
+	for _, g := range strings.Fields(st["Groups"]) {
+		if n, err := strconv.ParseUint(g, 10, 32); err == nil {
+			cr.groups = append(cr.groups, uint32(n))
+		}
+	}
+	return cr
+}
+
+// hasCap reports whether the caller holds capability bit (uid 0 holds all).
+func (c *creds) hasCap(bit uint) bool {
+	return c.uid == 0 || c.capEff&(1<<bit) != 0
+}
+
+// privileged reports whether the caller may clone interfaces: uid 0 or
+// CAP_NET_ADMIN in its effective set (DESIGN.md, "Open, close, destroy").
+func (c *creds) privileged() bool { return c.hasCap(capNetAdmin) }
+
+// inGroup reports whether gid is the caller's primary group or one of its
+// supplementary groups (FUSE passes only the primary one).
+func (c *creds) inGroup(gid uint32) bool {
+	if c.gid == gid {
+		return true
+	}
+	for _, g := range c.groups {
+		if g == gid {
+			return true
+		}
+	}
+	return false
+}
+
+// permitted checks want (a mask of 4 read, 2 write, 1 exec) against an
+// entry's mode and owner as the kernel's generic_permission would: the
+// owner's bits for the owner, else the group's bits for a member of the
+// group, else the others' bits; uid 0 may do anything.
+func (c *creds) permitted(a devnode.Attr, want uint32) bool {
+	if c.uid == 0 {
+		return true
+	}
+	var bits uint32
+	switch {
+	case c.uid == a.Uid:
+		bits = a.Mode >> 6
+	case c.inGroup(a.Gid):
+		bits = a.Mode >> 3
+	default:
+		bits = a.Mode
+	}
+	return bits&7&want == want
+}
+
+// owns reports whether the caller may act as the entry's owner for chmod
+// and utimes: the owner itself, or CAP_FOWNER (inode_owner_or_capable).
+func (c *creds) owns(a devnode.Attr) bool {
+	return c.uid == a.Uid || c.hasCap(capFowner)
 }
 
 // procStatus reads the fields of /proc/PID/status. The pid is the one the
@@ -60,52 +136,21 @@ func procStatus(pid uint32) (map[string]string, error) {
 	return m, sc.Err()
 }
 
-// inGroup reports whether the caller's primary or supplementary groups
-// include gid. FUSE passes only the primary gid; the others come from
-// /proc/PID/status.
-func inGroup(c fuse.Caller, gid uint32) bool {
-	if c.Gid == gid {
-		return true
-	}
-	st, err := procStatus(c.Pid)
-	if err != nil {
-		return false
-	}
-	for _, g := range strings.Fields(st["Groups"]) {
-		if n, err := strconv.ParseUint(g, 10, 32); err == nil && uint32(n) == gid {
-			return true
-		}
-	}
-	return false
-}
-
-// permitted checks want (a mask of 4 read, 2 write, 1 exec) against a
-// node's mode and owner, as the kernel would with default_permissions. The
-// daemon checks itself instead of mounting with default_permissions so
-// that every refusal reaches it and is logged.
-func permitted(c fuse.Caller, mode, uid, gid uint32, want uint32) bool {
-	if c.Uid == 0 {
-		return true
-	}
-	var bits uint32
-	switch {
-	case c.Uid == uid:
-		bits = mode >> 6
-	case inGroup(c, gid):
-		bits = mode >> 3
-	default:
-		bits = mode
-	}
-	return bits&7&want == want
-}
-
-// accessWant maps open flags to the permission bits they need.
+// accessWant maps open flags to the permission bits they need; O_TRUNC
+// needs write permission whatever the access mode, as in Linux's
+// build_open_flags.
 func accessWant(flags uint32) uint32 {
+	var want uint32
 	switch flags & syscall.O_ACCMODE {
 	case syscall.O_WRONLY:
-		return 2
+		want = 2
 	case syscall.O_RDWR:
-		return 6
+		want = 6
+	default:
+		want = 4
 	}
-	return 4
+	if flags&syscall.O_TRUNC != 0 {
+		want |= 2
+	}
+	return want
 }

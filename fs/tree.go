@@ -9,10 +9,12 @@ import (
 	"context"
 	"crypto/rand"
 	"log/slog"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/rules"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
@@ -24,8 +26,12 @@ type Root struct {
 	log       *slog.Logger
 	cloneable func(name string) bool // a name some cloner would create
 	clones    map[string]bool        // clone node names: "tun", "tap"
-	statics   []string               // names of the static children, in readdir order
+	statics   []*entry               // the static children, in readdir order; set by OnAdd, then read-only
 	mtime     time.Time
+
+	// rules is the devfs ruleset in force (nil: none), applied to every
+	// entry when it is made and to all of them by SetRules.
+	rules atomic.Pointer[rules.Ruleset]
 
 	// notifyPoll sends FUSE_NOTIFY_POLL; set by New before serving.
 	notifyPoll func(kh uint64)
@@ -46,7 +52,36 @@ func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool
 	for _, c := range clones {
 		r.clones[c] = true
 	}
+	// Device nodes get the rules before their name is published (FreeBSD
+	// runs devfs_rules_apply before a new entry is visible).
+	reg.SetAttrPolicy(func(name string, a *devnode.Attr) { applyRules(r.rules.Load(), name, a) })
 	return r
+}
+
+// SetRules makes rs the ruleset in force (nil: none) and applies it to
+// every entry, static and device, as `devfs rule applyset` does. Rules
+// change only what they set: an entry keeps a chmod, or a hide, that no
+// rule of rs overrides. Devices made concurrently get rs too: the
+// registry's policy reads the new ruleset under the registry's lock, and
+// a node made before that is in the List below.
+func (r *Root) SetRules(rs *rules.Ruleset) {
+	r.rules.Store(rs)
+	for _, e := range r.statics {
+		e.store.UpdateAttr(func(a *devnode.Attr) { applyRules(rs, e.name, a) })
+	}
+	for _, n := range r.reg.List() {
+		n.UpdateAttr(func(a *devnode.Attr) { applyRules(rs, n.Name(), a) })
+	}
+}
+
+// wouldHide reports whether the rules in force hide a new device called
+// name. A hidden name is not cloned on lookup: FreeBSD's devfs_lookup
+// would clone it and then answer ENOENT, leaving an interface nobody
+// can reach through the mount; cdevfs answers ENOENT without creating.
+func (r *Root) wouldHide(name string) bool {
+	a := devnode.Attr{Mode: 0600}
+	applyRules(r.rules.Load(), name, &a)
+	return a.Hidden
 }
 
 // Static inode numbers; device nodes get theirs from devnode (>= 1<<32).
@@ -63,27 +98,37 @@ const (
 	inoCloneBase
 )
 
-// OnAdd builds the static children once the root is mounted.
+// OnAdd builds the static children once the root is mounted, each with
+// the rules in force applied.
 func (r *Root) OnAdd(ctx context.Context) {
-	add := func(name string, ino uint64, mode uint32, ops fs.InodeEmbedder) {
-		r.AddChild(name, r.NewPersistentInode(ctx, ops, fs.StableAttr{Mode: mode, Ino: ino}), false)
-		r.statics = append(r.statics, name)
+	// newEntry makes a static entry's attributes: the default mode,
+	// root:root, then the rules.
+	newEntry := func(name string, typ, mode uint32, size int) entry {
+		m := newMemAttr(mode, r.mtime)
+		applyRules(r.rules.Load(), name, &m.a)
+		return entry{root: r, name: name, typ: typ, size: uint64(size), store: m}
+	}
+	add := func(e *entry, ino uint64, ops fs.InodeEmbedder) {
+		r.AddChild(e.name, r.NewPersistentInode(ctx, ops, fs.StableAttr{Mode: e.typ, Ino: ino}), false)
+		r.statics = append(r.statics, e)
 	}
 	for i, s := range []struct {
 		name string
 		kind staticKind
 	}{{"null", kindNull}, {"zero", kindZero}, {"full", kindFull}, {"random", kindRandom}, {"urandom", kindRandom}} {
-		add(s.name, uint64(inoNull+i), syscall.S_IFREG, &staticNode{kind: s.kind, mtime: r.mtime})
+		n := &staticNode{entry: newEntry(s.name, syscall.S_IFREG, 0666, 0), kind: s.kind}
+		add(&n.entry, uint64(inoNull+i), n)
 	}
 	for i, l := range []struct{ name, target string }{
 		{"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"}, {"stdout", "/proc/self/fd/1"}, {"stderr", "/proc/self/fd/2"},
 	} {
-		add(l.name, uint64(inoFd+i), syscall.S_IFLNK, &fs.MemSymlink{Data: []byte(l.target),
-			Attr: fuse.Attr{Mode: syscall.S_IFLNK | 0777, Nlink: 1, Mtime: uint64(r.mtime.Unix())}})
+		n := &symlinkNode{entry: newEntry(l.name, syscall.S_IFLNK, 0777, len(l.target)), target: []byte(l.target)}
+		add(&n.entry, uint64(inoFd+i), n)
 	}
 	i := 0
 	for c := range r.clones {
-		add(c, uint64(inoCloneBase+i), syscall.S_IFREG, &cloneNode{root: r, prefix: c})
+		n := &cloneNode{entry: newEntry(c, syscall.S_IFREG, 0600, 0), prefix: c}
+		add(&n.entry, uint64(inoCloneBase+i), n)
 		i++
 	}
 }
@@ -97,15 +142,22 @@ func (r *Root) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 }
 
 // Readdir implements fs.NodeReaddirer: the static nodes and the live
-// device nodes. It never creates anything.
+// device nodes, except those the rules hide (FreeBSD's DE_WHITEOUT). It
+// never creates anything.
 func (r *Root) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	nodes := r.reg.List()
 	entries := make([]fuse.DirEntry, 0, len(r.statics)+len(nodes))
-	for _, name := range r.statics {
-		ch := r.GetChild(name)
-		entries = append(entries, fuse.DirEntry{Name: name, Mode: ch.Mode(), Ino: ch.StableAttr().Ino})
+	for _, e := range r.statics {
+		if e.hidden() {
+			continue
+		}
+		ch := r.GetChild(e.name)
+		entries = append(entries, fuse.DirEntry{Name: e.name, Mode: ch.Mode(), Ino: ch.StableAttr().Ino})
 	}
 	for _, n := range nodes {
+		if n.Attr().Hidden {
+			continue
+		}
 		entries = append(entries, fuse.DirEntry{Name: n.Name(), Mode: syscall.S_IFREG, Ino: n.Ino()})
 	}
 	return fs.NewListDirStream(entries), 0
@@ -114,23 +166,27 @@ func (r *Root) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 // Lookup implements fs.NodeLookuper. A static name is served from the
 // tree; a device name is looked up in the registry, and a free valid unit
 // is created for a privileged caller (FreeBSD's clone on lookup). An
-// unprivileged caller sees only what exists.
+// unprivileged caller sees only what exists. A hidden entry does not
+// exist (ENOENT), as in FreeBSD's devfs_lookup.
 func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	if ch := r.GetChild(name); ch != nil && ch.StableAttr().Ino < 1<<32 {
-		if g, ok := ch.Operations().(fs.NodeGetattrer); ok {
-			var a fuse.AttrOut
-			g.Getattr(ctx, nil, &a)
-			out.Attr = a.Attr
+		e := ch.Operations().(entryNode).ent()
+		if e.hidden() {
+			return nil, syscall.ENOENT
 		}
+		e.fill(&out.Attr)
 		return ch, 0
 	}
 	n, err := r.reg.Get(name)
 	if err != nil {
 		c := caller(ctx)
-		if !privileged(c) {
+		if !credsOf(ctx).privileged() {
 			if r.cloneable(name) {
 				r.log.Warn("refused clone", "unit", name, "reason", "caller not privileged", "pid", c.Pid, "uid", c.Uid)
 			}
+			return nil, syscall.ENOENT
+		}
+		if r.wouldHide(name) {
 			return nil, syscall.ENOENT
 		}
 		// A racing creator's node comes back from the cloner itself.
@@ -144,7 +200,10 @@ func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 		}
 	}
 	defer n.Rel() // the inode keeps a plain pointer; operations take their own reference
-	d := &devNode{root: r, node: n}
+	if n.Attr().Hidden {
+		return nil, syscall.ENOENT
+	}
+	d := &devNode{entry: entry{root: r, name: n.Name(), typ: syscall.S_IFREG, store: n}, node: n}
 	d.fill(&out.Attr)
 	return r.NewInode(ctx, d, fs.StableAttr{Mode: syscall.S_IFREG, Ino: n.Ino()}), 0
 }
@@ -155,10 +214,16 @@ func setTimes(a *fuse.Attr, t time.Time) {
 	a.Atimensec, a.Mtimensec, a.Ctimensec = ns, ns, ns
 }
 
-// devNode is the inode of one device (tunN, tapN).
+// entryNode is a node of the tree with an entry (every one but the root).
+type entryNode interface{ ent() *entry }
+
+func (e *entry) ent() *entry { return e }
+
+// devNode is the inode of one device (tunN, tapN). Its attributes live
+// in the devnode.Node, so they last as long as the device.
 type devNode struct {
 	fs.Inode
-	root *Root
+	entry
 	node *devnode.Node // no reference: operations take one with TryRef
 }
 
@@ -166,15 +231,13 @@ var (
 	_ = (fs.NodeOpener)((*devNode)(nil))
 	_ = (fs.NodeGetattrer)((*devNode)(nil))
 	_ = (fs.NodeAccesser)((*devNode)(nil))
+	_ = (fs.NodeSetattrer)((*devNode)(nil))
+	_ = (entryNode)((*devNode)(nil))
 )
 
 func (d *devNode) fill(a *fuse.Attr) {
-	at := d.node.Attr()
-	a.Mode = syscall.S_IFREG | at.Mode
-	a.Nlink = 1
-	a.Uid, a.Gid = at.Uid, at.Gid
+	d.entry.fill(a)
 	a.Ino = d.node.Ino()
-	setTimes(a, at.Ctime)
 }
 
 // Getattr implements fs.NodeGetattrer.
@@ -183,25 +246,12 @@ func (d *devNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOu
 	return 0
 }
 
-// Access implements fs.NodeAccesser.
-func (d *devNode) Access(ctx context.Context, mask uint32) syscall.Errno {
-	var a fuse.Attr
-	d.fill(&a)
-	if !permitted(caller(ctx), a.Mode, a.Uid, a.Gid, mask&7) {
-		return syscall.EACCES
-	}
-	return 0
-}
-
 // Open implements fs.NodeOpener: an exclusive open of the device (like
-// tunopen()); EBUSY if it is open, ENXIO if it is being destroyed.
+// tunopen()); EACCES if the mode does not let the caller in, EBUSY if it
+// is open, ENXIO if it is being destroyed.
 func (d *devNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	var a fuse.Attr
-	d.fill(&a)
-	c := caller(ctx)
-	if !permitted(c, a.Mode, a.Uid, a.Gid, accessWant(flags)) {
-		d.root.log.Warn("refused open", "unit", d.node.Name(), "reason", "permission", "pid", c.Pid, "uid", c.Uid)
-		return nil, 0, syscall.EACCES
+	if e := d.checkOpen(ctx, flags); e != 0 {
+		return nil, 0, e
 	}
 	if !d.node.TryRef() { // the handle's reference, dropped on release
 		return nil, 0, syscall.ENXIO
@@ -217,30 +267,30 @@ func (d *devNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32
 // unit and hands the opener that device (TUNGIFNAME tells which).
 type cloneNode struct {
 	fs.Inode
-	root   *Root
+	entry
 	prefix string
 }
 
 var (
 	_ = (fs.NodeOpener)((*cloneNode)(nil))
 	_ = (fs.NodeGetattrer)((*cloneNode)(nil))
+	_ = (fs.NodeAccesser)((*cloneNode)(nil))
+	_ = (fs.NodeSetattrer)((*cloneNode)(nil))
+	_ = (entryNode)((*cloneNode)(nil))
 )
 
-// Getattr implements fs.NodeGetattrer.
-func (c *cloneNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = syscall.S_IFREG | 0600
-	out.Nlink = 1
-	setTimes(&out.Attr, c.root.mtime)
-	return 0
-}
-
 // Open implements fs.NodeOpener. Cloning needs privilege whatever the
-// clone node's mode.
+// clone node's mode (EPERM), as FreeBSD's tun clone handler checks
+// PRIV_NET_IFCREATE; and, as for any file, the mode must let the caller
+// open it (EACCES), so a rule can keep even a CAP_NET_ADMIN user out.
 func (c *cloneNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	cl := caller(ctx)
-	if !privileged(cl) {
+	if !credsOf(ctx).privileged() {
 		c.root.log.Warn("refused clone", "unit", c.prefix, "reason", "caller not privileged", "pid", cl.Pid, "uid", cl.Uid)
 		return nil, 0, syscall.EPERM
+	}
+	if e := c.checkOpen(ctx, flags); e != 0 {
+		return nil, 0, e
 	}
 	n, err := c.root.reg.Clone(ctx, c.prefix) // made open, with the handle's reference
 	if err != nil {
@@ -261,35 +311,28 @@ const (
 )
 
 // staticNode is null, zero, full, random or urandom, as on Linux.
+// Truncation (`> /dev/null`) is a no-op (entry.Setattr).
 type staticNode struct {
 	fs.Inode
-	kind  staticKind
-	mtime time.Time
+	entry
+	kind staticKind
 }
 
 var (
 	_ = (fs.NodeOpener)((*staticNode)(nil))
 	_ = (fs.NodeGetattrer)((*staticNode)(nil))
+	_ = (fs.NodeAccesser)((*staticNode)(nil))
 	_ = (fs.NodeReader)((*staticNode)(nil))
 	_ = (fs.NodeWriter)((*staticNode)(nil))
 	_ = (fs.NodeSetattrer)((*staticNode)(nil))
+	_ = (entryNode)((*staticNode)(nil))
 )
-
-// Getattr implements fs.NodeGetattrer.
-func (s *staticNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = syscall.S_IFREG | 0666
-	out.Nlink = 1
-	setTimes(&out.Attr, s.mtime)
-	return 0
-}
-
-// Setattr implements fs.NodeSetattrer: truncation (`> /dev/null`) is a no-op.
-func (s *staticNode) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
-	return s.Getattr(ctx, f, out)
-}
 
 // Open implements fs.NodeOpener.
 func (s *staticNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if e := s.checkOpen(ctx, flags); e != 0 {
+		return nil, 0, e
+	}
 	return nil, fuse.FOPEN_DIRECT_IO, 0
 }
 
@@ -312,4 +355,25 @@ func (s *staticNode) Write(ctx context.Context, f fs.FileHandle, data []byte, of
 		return 0, syscall.ENOSPC
 	}
 	return uint32(len(data)), 0
+}
+
+// symlinkNode is fd, stdin, stdout or stderr: a symlink into /proc/self.
+// Rules may hide it or give it an owner, as FreeBSD's rules do for devfs
+// symlinks; its mode means nothing to Linux.
+type symlinkNode struct {
+	fs.Inode
+	entry
+	target []byte
+}
+
+var (
+	_ = (fs.NodeReadlinker)((*symlinkNode)(nil))
+	_ = (fs.NodeGetattrer)((*symlinkNode)(nil))
+	_ = (fs.NodeSetattrer)((*symlinkNode)(nil))
+	_ = (entryNode)((*symlinkNode)(nil))
+)
+
+// Readlink implements fs.NodeReadlinker.
+func (l *symlinkNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	return l.target, 0
 }
