@@ -69,6 +69,7 @@ type mountFlags struct {
 	logLevel   slog.Level
 	netns      string
 	orphans    string
+	rules      ruleSource
 }
 
 func mountCmd(args []string, stdout, stderr io.Writer) int {
@@ -81,6 +82,8 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 	fl.TextVar(&f.logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
 	fl.StringVar(&f.netns, "netns", "", "create and watch interfaces in this network namespace: a name of `ip netns` or a path (default: the daemon's own)")
 	fl.StringVar(&f.orphans, "orphans", "adopt", "what to do at start with interfaces a killed cdevfs left at this mountpoint: adopt or destroy")
+	fl.StringVar(&f.rules.file, "rules", "", "devfs rules `FILE` (FreeBSD devfs.rules syntax); re-read on SIGHUP")
+	fl.StringVar(&f.rules.set, "ruleset", "", "the ruleset of --rules to apply: `NAME|NUMBER`")
 	fl.Usage = func() {
 		fmt.Fprint(fl.Output(), "usage: cdevfs mount [flags] MOUNTPOINT\n\nflags:\n")
 		fl.PrintDefaults()
@@ -118,6 +121,10 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 // created, close the fds. ready, if not nil, is called once the mount
 // serves.
 func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, ready func()) error {
+	rs, err := f.rules.load()
+	if err != nil {
+		return err
+	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		return fmt.Errorf("no /dev/fuse: %w (is the fuse module loaded?)", errors.Unwrap(err))
 	}
@@ -151,6 +158,7 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 		return false
 	}
 	root := cfs.NewRoot(reg, prefixes, cloneable, log)
+	root.SetRules(rs)
 	// Mount before following the kernel: the mountpoint check refuses a
 	// second daemon on a live mount before it could adopt (and at its
 	// exit delete) the interfaces of the first, which carry the same mark.
@@ -182,6 +190,7 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 		shutdown()
 		return err
 	}
+	defer reloadOnHUP(f.rules, root.SetRules, log)()
 	log.Info("serving", "mountpoint", m.Dir(), "pid", os.Getpid())
 	if ready != nil {
 		ready()
