@@ -114,10 +114,13 @@ type Node struct {
 	// by SetAttr and UpdateAttr.
 	attr Attr
 
-	mu      sync.Mutex // guards flags, busy, destroyed, attr
-	flags   Flags
-	busy    int           // in-flight operations (si_threadcount)
-	drained chan struct{} // closed and replaced when busy drops to 0 while dying
+	mu    sync.Mutex // guards flags, busy, destroyed, attr
+	flags Flags
+	busy  int // in-flight operations (si_threadcount)
+	// drained, if not nil, is closed (and cleared) when busy drops to 0:
+	// a draining destroy makes it, so the packet path's Exit allocates
+	// nothing while no destroy waits.
+	drained chan struct{}
 	// abandoned is closed and replaced when a destroy gives up (EINTR), so
 	// a destroy waiting for that one can take over.
 	abandoned chan struct{}
@@ -226,9 +229,9 @@ func (n *Node) Exit() {
 	if n.busy < 0 {
 		panic(fmt.Sprintf("devnode: %s: in-flight count below zero", n.name))
 	}
-	if n.busy == 0 {
+	if n.busy == 0 && n.drained != nil {
 		close(n.drained)
-		n.drained = make(chan struct{})
+		n.drained = nil
 	}
 }
 
@@ -395,6 +398,9 @@ func (n *Node) drain(ctx context.Context) error {
 			n.mu.Unlock()
 			return nil
 		}
+		if n.drained == nil {
+			n.drained = make(chan struct{})
+		}
 		ch := n.drained
 		n.mu.Unlock()
 		select {
@@ -494,7 +500,6 @@ func (r *Registry) Make(name string, dev Device, open bool) (*Node, error) {
 		ino:       r.nextIno.Add(1),
 		reg:       r,
 		dev:       dev,
-		drained:   make(chan struct{}),
 		abandoned: make(chan struct{}),
 		destroyed: make(chan struct{}),
 	}
