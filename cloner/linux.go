@@ -231,7 +231,7 @@ func (b *Linux) Create(name string, kind Kind, attach bool) (Link, error) {
 		return nil, err
 	}
 	if attach {
-		l.f = f
+		l.setFile(f)
 	} else {
 		f.Close()
 	}
@@ -240,7 +240,7 @@ func (b *Linux) Create(name string, kind Kind, attach bool) (Link, error) {
 
 func (b *Linux) newLink(name string, kind Kind, flags uint16, owner Owner) *linuxLink {
 	return &linuxLink{b: b, name: name, kind: kind, flags: flags, foreign: owner != OwnerSelf,
-		woken: make(chan struct{}), readSem: make(chan struct{}, 1), watchFd: -1}
+		woken: make(chan struct{}), readSem: make(chan struct{}, 1), watchFd: -1, fd: -1}
 }
 
 // Adopt implements Backend.
@@ -348,6 +348,28 @@ type linuxLink struct {
 	f        *os.File   // attached fd while open, nil while closed
 	pollWake func()     // the poller's wake, set by Watch
 	watchFd  int        // the fd in the backend's epoll set, or -1
+
+	// The packet path reads and writes f's descriptor with plain
+	// read(2)/write(2), under ioMu held shared: no SyscallConn closure
+	// (an allocation per packet) and no l.mu. Changing f takes ioMu
+	// exclusively (after l.mu), so fd is never closed, and its number
+	// never reused, under a read or write in progress.
+	ioMu sync.RWMutex
+	fd   int // f's descriptor, -1 while detached
+}
+
+// setFile attaches f (nil: detaches). Called with l.mu held, or before
+// the link is published.
+func (l *linuxLink) setFile(f *os.File) {
+	fd := -1
+	if f != nil {
+		if rc, err := f.SyscallConn(); err == nil {
+			_ = rc.Control(func(d uintptr) { fd = int(d) })
+		}
+	}
+	l.ioMu.Lock()
+	l.f, l.fd = f, fd
+	l.ioMu.Unlock()
 }
 
 func (l *linuxLink) Name() string { return l.name }
@@ -404,7 +426,7 @@ func (l *linuxLink) Attach(ctx context.Context) error {
 		f.Close()
 		return ErrGone
 	}
-	l.f = f
+	l.setFile(f)
 	return nil
 }
 
@@ -427,7 +449,7 @@ func tunFlags(f *os.File) (uint16, error) {
 func (l *linuxLink) Detach() error {
 	l.mu.Lock()
 	f := l.f
-	l.f = nil
+	l.setFile(nil)
 	l.unwatchLocked()
 	l.mu.Unlock()
 	var err error
@@ -450,15 +472,20 @@ var longAgo = time.Unix(1, 0)
 // clears the deadline before it checks why, so a wake that lands between
 // the check and the read still ends the read.
 func (l *linuxLink) Read(ctx context.Context, p []byte, nonblock bool) (int, error) {
-	f, err := l.file()
-	if err != nil {
-		return 0, err
+	select {
+	case <-l.woken:
+		return 0, ErrRevoked
+	default:
 	}
 	// A packet already queued is read at once: no wait, so none of the
 	// cancellation machinery below (context.AfterFunc costs a goroutine per
 	// call for go-fuse's context) is set up on the busy packet path.
-	if n, err := l.readOnce(f, p); nonblock || !errors.Is(err, unix.EAGAIN) {
+	if n, err := l.readOnce(p); nonblock || !errors.Is(err, unix.EAGAIN) {
 		return n, err
+	}
+	f, err := l.file()
+	if err != nil {
+		return 0, err
 	}
 	select {
 	case l.readSem <- struct{}{}:
@@ -513,21 +540,19 @@ func (l *linuxLink) gone(f *os.File) bool {
 }
 
 // readOnce is the O_NONBLOCK read: one read(2), EAGAIN if nothing is queued.
-// It bypasses Go's poller (Control, not Read): the poller would fail it
-// with a read deadline left behind by a cancel that came too late to wake
-// a blocking Read, and with "not pollable" after the interface is deleted.
-func (l *linuxLink) readOnce(f *os.File, p []byte) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return 0, ErrRevoked
+// It bypasses Go's poller (a plain read(2) under ioMu): the poller would
+// fail it with a read deadline left behind by a cancel that came too late
+// to wake a blocking Read, and with "not pollable" after the interface is
+// deleted. It allocates nothing.
+func (l *linuxLink) readOnce(p []byte) (int, error) {
+	l.ioMu.RLock()
+	fd := l.fd
+	if fd < 0 {
+		l.ioMu.RUnlock()
+		return 0, l.detachedErr()
 	}
-	var n int
-	var rerr error
-	if err := rc.Control(func(fd uintptr) {
-		n, rerr = unix.Read(int(fd), p)
-	}); err != nil {
-		return 0, ErrRevoked
-	}
+	n, rerr := unix.Read(fd, p)
+	l.ioMu.RUnlock()
 	switch {
 	case rerr == nil && n == 0 && len(p) > 0, errors.Is(rerr, unix.EBADFD):
 		return 0, ErrGone
@@ -537,13 +562,46 @@ func (l *linuxLink) readOnce(f *os.File, p []byte) (int, error) {
 	return n, nil
 }
 
-// Write implements Link: one packet, one write(2).
+// detachedErr is the error of an I/O on a link without an fd.
+func (l *linuxLink) detachedErr() error {
+	select {
+	case <-l.woken:
+		return ErrRevoked
+	default:
+	}
+	return fmt.Errorf("cloner: %s is not attached: %w", l.name, syscall.EBADF)
+}
+
+// Write implements Link: one packet, one write(2), straight on the fd
+// (ioMu held shared, no allocation); only a full queue (EAGAIN, which a
+// tun does not report in practice) waits in Go's poller.
 func (l *linuxLink) Write(ctx context.Context, p []byte) (int, error) {
+	select {
+	case <-l.woken:
+		return 0, ErrRevoked
+	default:
+	}
+	l.ioMu.RLock()
+	fd := l.fd
+	if fd < 0 {
+		l.ioMu.RUnlock()
+		return 0, l.detachedErr()
+	}
+	n, err := unix.Write(fd, p)
+	l.ioMu.RUnlock()
+	switch {
+	case err == nil:
+		return n, nil
+	case err == unix.EBADFD:
+		return 0, ErrGone
+	case err != unix.EAGAIN:
+		return 0, err
+	}
 	f, err := l.file()
 	if err != nil {
 		return 0, err
 	}
-	n, err := f.Write(p)
+	n, err = f.Write(p)
 	switch {
 	case err == nil:
 		return n, nil
@@ -681,7 +739,7 @@ func (l *linuxLink) Delete() error {
 func (l *linuxLink) Close() error {
 	l.mu.Lock()
 	f := l.f
-	l.f = nil
+	l.setFile(nil)
 	l.unwatchLocked()
 	l.mu.Unlock()
 	if f != nil {
