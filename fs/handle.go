@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"encoding/binary"
+	"sync"
 	"syscall"
 
 	"github.com/cdevfs/cdevfs/devnode"
@@ -22,6 +23,14 @@ type handle struct {
 	node   *devnode.Node
 	io     devnode.IO
 	notify func(kh uint64) // sends FUSE_NOTIFY_POLL
+	fhs    *fhTable        // the transport's fast-path table (identCmd)
+
+	// pollKh is the kernel's poll handle of this file (stable until
+	// release) and pollWake the wake function built for it once, so a
+	// poll that schedules a notification allocates nothing.
+	pollMu   sync.Mutex
+	pollKh   uint64
+	pollWake func()
 }
 
 var (
@@ -32,8 +41,8 @@ var (
 	_ = (fs.FileFlusher)((*handle)(nil))
 )
 
-func newHandle(n *devnode.Node, notify func(uint64)) *handle {
-	h := &handle{node: n, notify: notify}
+func newHandle(n *devnode.Node, r *Root) *handle {
+	h := &handle{node: n, notify: r.notifyPoll, fhs: r.fhs}
 	h.io, _ = n.Device().(devnode.IO)
 	return h
 }
@@ -56,6 +65,47 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 		return nil, errno(err)
 	}
 	return fuse.ReadResultData(dest[:n]), 0
+}
+
+// readNow is the transport's fast READ: one packet straight into dest (the
+// reply buffer) if one is queued. wait reports that none is and the read
+// should block, which is left to Read (go-fuse's request, with its
+// interrupt handling). It allocates nothing.
+func (h *handle) readNow(dest []byte, nonblock bool) (n int, e syscall.Errno, wait bool) {
+	if h.io == nil {
+		return 0, syscall.ENODEV, false
+	}
+	if err := h.node.Enter(); err != nil {
+		return 0, syscall.ENXIO, false
+	}
+	n, err := h.io.Read(context.Background(), dest, true)
+	h.node.Exit()
+	if err != nil {
+		e = errno(err)
+		if e == syscall.EAGAIN && !nonblock {
+			return 0, 0, true
+		}
+		return 0, e, false
+	}
+	return n, 0, false
+}
+
+// writeNow is the transport's fast WRITE: Write without go-fuse. A device
+// write never blocks (a tun takes or drops the packet), so no interrupt
+// can concern it.
+func (h *handle) writeNow(data []byte) (int, syscall.Errno) {
+	if h.io == nil {
+		return 0, syscall.ENODEV
+	}
+	if err := h.node.Enter(); err != nil {
+		return 0, syscall.ENXIO
+	}
+	n, err := h.io.Write(context.Background(), data)
+	h.node.Exit()
+	if err != nil {
+		return 0, errno(err)
+	}
+	return n, 0
 }
 
 // Write implements fs.FileWriter: one packet.
@@ -87,8 +137,16 @@ func (h *handle) Release(ctx context.Context) syscall.Errno {
 // Ioctl implements fs.FileIoctler; the transport's private pollCmd
 // carries a FUSE_POLL.
 func (h *handle) Ioctl(ctx context.Context, cmd uint32, arg uint64, input, output []byte) (int32, syscall.Errno) {
-	if cmd == pollCmd {
+	switch cmd {
+	case pollCmd:
 		return 0, h.poll(arg, input, output)
+	case identCmd:
+		// The transport asks which handle go-fuse keeps under fh (arg),
+		// right after answering its OPEN: register for the fast path.
+		if h.fhs != nil {
+			h.fhs.set(arg, h)
+		}
+		return 0, 0
 	}
 	if err := h.node.Enter(); err != nil {
 		return 0, syscall.ENXIO
@@ -120,7 +178,7 @@ func (h *handle) poll(kh uint64, in, out []byte) syscall.Errno {
 		} else {
 			var wake func()
 			if binary.NativeEndian.Uint32(in)&fusePollScheduleNotify != 0 && h.notify != nil {
-				wake = func() { h.notify(kh) }
+				wake = h.waker(kh)
 			}
 			rev = p.Poll(wake)
 			h.node.Exit()
@@ -128,4 +186,16 @@ func (h *handle) poll(kh uint64, in, out []byte) syscall.Errno {
 	}
 	binary.NativeEndian.PutUint32(out, rev)
 	return 0
+}
+
+// waker returns the function that notifies the kernel's pollers of poll
+// handle kh, made once per handle (the kernel keeps kh until release).
+func (h *handle) waker(kh uint64) func() {
+	h.pollMu.Lock()
+	defer h.pollMu.Unlock()
+	if h.pollWake == nil || h.pollKh != kh {
+		h.pollKh = kh
+		h.pollWake = func() { h.notify(kh) }
+	}
+	return h.pollWake
 }

@@ -57,10 +57,28 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 	if err != nil {
 		return nil, err
 	}
+	t := newServer(dev, root, o)
+	t.start()
+	select {
+	case <-t.inited:
+	case <-time.After(10 * time.Second):
+		m := &Mount{dir: dir, t: t}
+		m.Unmount()
+		m.Close()
+		return nil, fmt.Errorf("mount %s: the kernel sent no INIT", dir)
+	}
+	return &Mount{dir: dir, t: t}, nil
+}
+
+// newServer builds the transport serving root's tree on dev: go-fuse's
+// node tree and protocol server behind this package's request loop.
+func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 	t := newTransport(dev, o.Log, maxWrite)
 	if r, ok := root.(*Root); ok {
 		r.notifyPoll = func(kh uint64) { t.PollNotify(kh) }
+		r.fhs = &t.fhs
 	}
+	t.fast = !o.Debug
 	zero := time.Duration(0)
 	mo := fuse.MountOptions{
 		AllowOther:    o.AllowOther,
@@ -84,16 +102,7 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 		Logger:          mo.Logger,
 	})
 	t.ps = fuse.NewProtocolServer(raw, &mo)
-	t.start()
-	select {
-	case <-t.inited:
-	case <-time.After(10 * time.Second):
-		m := &Mount{dir: dir, t: t}
-		m.Unmount()
-		m.Close()
-		return nil, fmt.Errorf("mount %s: the kernel sent no INIT", dir)
-	}
-	return &Mount{dir: dir, t: t}, nil
+	return t
 }
 
 // Unmount detaches the mount: a plain unmount, or a lazy one if files on

@@ -31,6 +31,12 @@ type transport struct {
 	ps  *fuse.ProtocolServer
 	log *slog.Logger
 
+	// fhs maps the fh of every open device handle to the handle, for
+	// the READ/WRITE fast path; fast is off under --debug, so that go-fuse
+	// logs every request.
+	fhs  fhTable
+	fast bool
+
 	bufSize int
 	bufs    sync.Pool
 
@@ -43,8 +49,12 @@ type transport struct {
 }
 
 const (
+	opOpen      = 14
 	opRead      = 15
-	readInLen   = 80 // struct fuse_read_in after the header: flags at 72
+	readInLen   = 80 // struct fuse_read_in after the header: fh at 40, size at 56, flags at 72
+	opWrite     = 16
+	writeInLen  = 80 // struct fuse_write_in after the header: fh at 40, size at 56; data follows
+	opRelease   = 18
 	opInit      = 26
 	opIoctl     = 39
 	ioctlInLen  = 72 // struct fuse_ioctl_in after the header: cmd at 52
@@ -56,7 +66,7 @@ const (
 )
 
 func newTransport(dev *os.File, log *slog.Logger, maxWrite int) *transport {
-	t := &transport{dev: dev, log: log, bufSize: maxWrite + 64*1024, inited: make(chan struct{})}
+	t := &transport{dev: dev, log: log, bufSize: maxWrite + 64*1024, inited: make(chan struct{}), fast: true}
 	t.bufs.New = func() any {
 		b := make([]byte, 2*t.bufSize)
 		return &b
@@ -114,6 +124,20 @@ func (t *transport) handle(in, out []byte) {
 		return
 	}
 	op := binary.NativeEndian.Uint32(in[4:])
+	if t.fast {
+		if n, ok := t.fastPath(op, in, out); ok {
+			if n > 0 {
+				t.write(out[:n])
+			}
+			return
+		}
+	}
+	if op == opRelease && len(in) >= inHeaderLen+8 {
+		// go-fuse recycles the fh once it has handled RELEASE: forget it
+		// first. The kernel sends RELEASE after every request on the file
+		// has been answered, so no fast READ or WRITE can still look it up.
+		t.fhs.set(binary.NativeEndian.Uint64(in[40:]), nil)
+	}
 	if op == opRead && len(in) >= readInLen {
 		// Device files are streams (FOPEN_STREAM): the offset means
 		// nothing, and go-fuse's Read does not pass the file's flags. Put
@@ -125,9 +149,9 @@ func (t *transport) handle(in, out []byte) {
 	switch {
 	case op == opPoll:
 		n = t.poll(in, out)
-	case op == opIoctl && len(in) >= ioctlInLen && binary.NativeEndian.Uint32(in[52:]) == pollCmd:
-		// The private command is ours alone: a user's ioctl(2) with the
-		// same number is refused, so a handle never mistakes it for a poll.
+	case op == opIoctl && len(in) >= ioctlInLen && isPrivateCmd(binary.NativeEndian.Uint32(in[52:])):
+		// The private commands are ours alone: a user's ioctl(2) with the
+		// same number is refused, so a handle never mistakes it for ours.
 		n = errorReply(in, out, syscall.ENOTTY)
 	default:
 		var st fuse.Status
@@ -135,6 +159,9 @@ func (t *transport) handle(in, out []byte) {
 		if !st.Ok() {
 			t.log.Error("FUSE request not handled", "opcode", op, "status", st)
 			n = errorReply(in, out, syscall.EIO)
+		}
+		if op == opOpen && n >= 16+16 && binary.NativeEndian.Uint32(out[4:]) == 0 {
+			t.identify(in, binary.NativeEndian.Uint64(out[16:]))
 		}
 	}
 	if op == opInit {
@@ -144,6 +171,87 @@ func (t *transport) handle(in, out []byte) {
 		t.write(out[:n])
 	}
 }
+
+// fastPath serves READ and WRITE of a device handle without go-fuse: the
+// fh is looked up in fhs, a READ reads the packet straight into the reply
+// buffer, a WRITE writes the request's payload, and nothing is allocated.
+// ok is false for anything else, and for a blocking READ with no packet
+// queued (go-fuse then serves it, with its interrupt handling).
+func (t *transport) fastPath(op uint32, in, out []byte) (n int, ok bool) {
+	ne := binary.NativeEndian
+	switch {
+	case op == opRead && len(in) >= readInLen:
+		h := t.fhs.get(ne.Uint64(in[40:]))
+		size := int(ne.Uint32(in[56:]))
+		if h == nil || 16+size > len(out) {
+			return 0, false
+		}
+		m, e, wait := h.readNow(out[16:16+size], ne.Uint32(in[72:])&syscall.O_NONBLOCK != 0)
+		if wait {
+			return 0, false
+		}
+		if e != 0 {
+			return errorReply(in, out, e), true
+		}
+		ne.PutUint32(out[0:], uint32(16+m))
+		ne.PutUint32(out[4:], 0)
+		copy(out[8:16], in[8:16])
+		return 16 + m, true
+	case op == opWrite && len(in) >= writeInLen:
+		h := t.fhs.get(ne.Uint64(in[40:]))
+		size := int(ne.Uint32(in[56:]))
+		if h == nil || writeInLen+size > len(in) {
+			return 0, false
+		}
+		m, e := h.writeNow(in[writeInLen : writeInLen+size])
+		if e != 0 {
+			return errorReply(in, out, e), true
+		}
+		ne.PutUint32(out[0:], 24)
+		ne.PutUint32(out[4:], 0)
+		copy(out[8:16], in[8:16])
+		ne.PutUint64(out[16:], uint64(uint32(m))) // struct fuse_write_out: size, padding
+		return 24, true
+	case op == opPoll && len(in) >= 64:
+		if h := t.fhs.get(ne.Uint64(in[40:])); h != nil {
+			var rev [4]byte
+			if h.poll(ne.Uint64(in[48:]), in[56:64], rev[:]) != 0 {
+				ne.PutUint32(rev[:], defaultPollMsk)
+			}
+			ne.PutUint32(out[0:], 24)
+			ne.PutUint32(out[4:], 0)
+			copy(out[8:16], in[8:16])
+			ne.PutUint64(out[16:], uint64(ne.Uint32(rev[:])))
+			return 24, true
+		}
+	}
+	return 0, false
+}
+
+// identify asks go-fuse which file handle it registered under fh for the
+// OPEN request in (before the reply is written, so before any READ can
+// carry fh): an IOCTL with the private identCmd, which go-fuse routes by
+// fh like any other, and which a device handle answers by registering
+// itself in fhs. Handles of other files do not know the command.
+func (t *transport) identify(open []byte, fh uint64) {
+	if fh == 0 {
+		return
+	}
+	var req [ioctlInLen]byte
+	copy(req[:inHeaderLen], open[:inHeaderLen]) // unique, nodeid, caller
+	binary.NativeEndian.PutUint32(req[0:], uint32(len(req)))
+	binary.NativeEndian.PutUint32(req[4:], opIoctl)
+	binary.NativeEndian.PutUint64(req[40:], fh)
+	binary.NativeEndian.PutUint32(req[52:], identCmd)
+	binary.NativeEndian.PutUint64(req[56:], fh) // arg
+	var rep [16 + 16]byte
+	_, _ = t.ps.HandleRequest([][]byte{req[:]}, [][]byte{rep[:]})
+}
+
+// identCmd is the private ioctl of identify (_IO('t', 254)).
+const identCmd = 't'<<8 | 254
+
+func isPrivateCmd(cmd uint32) bool { return cmd == pollCmd || cmd == identCmd }
 
 // pollCmd is the private ioctl command by which the transport asks a file
 // handle for its readiness: go-fuse's request handling has no POLL for file
@@ -207,16 +315,19 @@ func errorReply(in, out []byte, errno syscall.Errno) int {
 func (t *transport) write(b []byte) syscall.Errno {
 	t.wmu.Lock()
 	defer t.wmu.Unlock()
-	_, err := t.dev.Write(b)
+	if _, err := t.dev.Write(b); err != nil {
+		return writeErrno(err)
+	}
+	return 0
+}
+
+func writeErrno(err error) syscall.Errno {
 	var errno syscall.Errno
 	if errors.As(err, &errno) {
 		// ENOENT: the kernel no longer waits for this request (interrupted).
 		return errno
 	}
-	if err != nil {
-		return syscall.EIO
-	}
-	return 0
+	return syscall.EIO
 }
 
 // Notifications (fs.ServerCallbacks). Layouts from <linux/fuse.h>.

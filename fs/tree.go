@@ -35,6 +35,8 @@ type Root struct {
 
 	// notifyPoll sends FUSE_NOTIFY_POLL; set by New before serving.
 	notifyPoll func(kh uint64)
+	// fhs is the transport's fast-path table; set by New before serving.
+	fhs *fhTable
 }
 
 var (
@@ -260,7 +262,7 @@ func (d *devNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32
 		d.node.Rel()
 		return nil, 0, errno(err)
 	}
-	return newHandle(d.node, d.root.notifyPoll), handleFlags, 0
+	return newHandle(d.node, d.root), handleFlags, 0
 }
 
 // cloneNode is /dev/tun or /dev/tap: opening it creates the lowest free
@@ -297,7 +299,7 @@ func (c *cloneNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint
 		c.root.log.Warn("refused clone", "unit", c.prefix, "error", err, "pid", cl.Pid, "uid", cl.Uid)
 		return nil, 0, errno(err)
 	}
-	return newHandle(n, c.root.notifyPoll), handleFlags, 0
+	return newHandle(n, c.root), handleFlags, 0
 }
 
 // staticKind says which classic device a static node is.
