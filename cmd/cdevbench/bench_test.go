@@ -1,0 +1,75 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// requireKernel skips where the benchmark cannot run, but fails in CI,
+// where it must (as cmd/cdevfs's kernel tests do).
+func requireKernel(t *testing.T) {
+	t.Helper()
+	err := func() error {
+		if os.Geteuid() != 0 {
+			return errors.New("not root")
+		}
+		for _, dev := range []string{"/dev/fuse", "/dev/net/tun"} {
+			if _, err := os.Stat(dev); err != nil {
+				return err
+			}
+		}
+		for _, tool := range []string{"unshare", "ip", "ls", "go"} {
+			if _, err := exec.LookPath(tool); err != nil {
+				return err
+			}
+		}
+		return nil
+	}()
+	if err == nil {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("kernel test cannot run in CI: %v", err)
+	}
+	t.Skipf("kernel test cannot run here: %v", err)
+}
+
+// TestSmoke runs the whole benchmark briefly and checks that the table
+// has every row.
+func TestSmoke(t *testing.T) {
+	requireKernel(t)
+	dir := t.TempDir()
+	bench, cdevfs := filepath.Join(dir, "cdevbench"), filepath.Join(dir, "cdevfs")
+	for _, b := range [][]string{{"-o", bench, "."}, {"-o", cdevfs, "../cdevfs"}} {
+		if out, err := exec.Command("go", append([]string{"build"}, b...)...).CombinedOutput(); err != nil {
+			t.Fatalf("go build %v: %v\n%s", b, err, out)
+		}
+	}
+	out, err := exec.Command(bench, "-cdevfs", cdevfs, "-rounds", "400", "-duration", "200ms",
+		"-clones", "20", "-openclose", "50", "-scale", "20,40").CombinedOutput()
+	if err != nil {
+		t.Fatalf("cdevbench: %v\n%s", err, out)
+	}
+	table := string(out)
+	for _, row := range []string{
+		"clone to first packet, median of 20",
+		"ls -l, 20 nodes", "daemon RSS per interface, 20", "lookup+open of tun19, 20",
+		"ping-pong p50, 400 round trips", "ping-pong p99, 400 round trips",
+		"pipelined 64B, 1 outstanding", "pipelined 64B, 8 outstanding", "pipelined 64B, 64 outstanding",
+		"pipelined 1400B, 1 outstanding", "pipelined 1400B, 8 outstanding", "pipelined 1400B, 64 outstanding",
+		"open/close of an existing node",
+		"ls -l, 40 nodes", "daemon RSS per interface, 40", "lookup+open of tun39, 40",
+	} {
+		if !strings.Contains(table, row) {
+			t.Errorf("no row %q in the table:\n%s", row, table)
+		}
+	}
+	if !strings.Contains(table, "native") || !strings.Contains(table, "ratio") || !strings.Contains(table, "min-relay") {
+		t.Errorf("table header incomplete:\n%s", table)
+	}
+	t.Logf("\n%s", table)
+}
