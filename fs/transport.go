@@ -44,8 +44,6 @@ type transport struct {
 	readers sync.WaitGroup
 	inited  chan struct{} // closed once INIT is answered
 	initOne sync.Once
-
-	wmu sync.Mutex // serializes writes, so a reply is never interleaved with a notification
 }
 
 const (
@@ -312,9 +310,10 @@ func errorReply(in, out []byte, errno syscall.Errno) int {
 	return 16
 }
 
+// write writes one reply or notification. The kernel takes each write(2)
+// to /dev/fuse as one whole message, so writers need no lock of ours (and
+// os.File serializes writes on the fd anyway).
 func (t *transport) write(b []byte) syscall.Errno {
-	t.wmu.Lock()
-	defer t.wmu.Unlock()
 	if _, err := t.dev.Write(b); err != nil {
 		return writeErrno(err)
 	}
