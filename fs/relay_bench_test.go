@@ -167,7 +167,7 @@ func BenchmarkRelayTun(b *testing.B) {
 		name := map[bool]string{true: "fast", false: "gofuse"}[fast]
 		b.Run(name, func(b *testing.B) {
 			log := slog.New(slog.NewTextHandler(io.Discard, nil))
-			be, err := cloner.NewLinux()
+			be, err := cloner.NewLinux(cloner.LinuxOptions{})
 			if err != nil {
 				b.Fatal(err)
 			}
