@@ -69,7 +69,7 @@ func TestAdoptedForeignInterfaceIsNeverDeleted(t *testing.T) {
 			t.Errorf("TUNSTRANSIENT on %s = %v, want %v", name, err, want)
 		}
 		n.SetTransient(false)
-		if err := n.Close(); err != nil {
+		if err := n.Close(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 		if err := n.Destroy(ctx); err != nil {

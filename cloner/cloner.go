@@ -27,6 +27,7 @@ type Cloner struct {
 	reg  *devnode.Registry
 	max  int
 	log  *slog.Logger
+	ev   Events // nil: nobody counts
 
 	// mu is the cloner lock (OpenBSD's if_cloners_lock, seed 000): it is
 	// held across unit allocation, interface creation and node publication,
@@ -58,6 +59,18 @@ func New(kind Kind, be Backend, reg *devnode.Registry, maxUnit int, log *slog.Lo
 	reg.AddCloner(c.Clone)
 	return c
 }
+
+// Events is told of every interface created, revoked and destroyed (the
+// daemon's metrics).
+type Events interface {
+	Created()
+	Revoked()
+	Destroyed()
+}
+
+// SetEvents sets who is told of creates, revokes and destroys. Call it
+// before the cloner is used.
+func (c *Cloner) SetEvents(e Events) { c.ev = e }
 
 // Kind is the kind of interface this cloner makes.
 func (c *Cloner) Kind() Kind { return c.kind }
@@ -99,7 +112,7 @@ func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.No
 			}
 			return nil, fmt.Errorf("cloner: %s: %w", name, syscall.EEXIST)
 		}
-		return c.createLocked(unit, open)
+		return c.createLocked(ctx, unit, open)
 	}
 	// Lowest free unit. A unit whose name some other device already has
 	// in the kernel is skipped, not leaked: it stays free (seed 004).
@@ -107,7 +120,7 @@ func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.No
 		if c.units[u] {
 			continue
 		}
-		n, err := c.createLocked(u, open)
+		n, err := c.createLocked(ctx, u, open)
 		if errors.Is(err, syscall.EEXIST) {
 			continue
 		}
@@ -118,7 +131,8 @@ func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.No
 
 // createLocked makes unit u; the unit is marked used only if a node is
 // published, so a failed create never leaks it. Called with c.mu held.
-func (c *Cloner) createLocked(u int, open bool) (*devnode.Node, error) {
+// ctx's actor (devnode.WithActor) is logged as the creator.
+func (c *Cloner) createLocked(ctx context.Context, u int, open bool) (*devnode.Node, error) {
 	name := fmt.Sprintf("%s%d", c.kind.Prefix(), u)
 	link, err := c.be.Create(name, c.kind, open)
 	if err != nil {
@@ -130,7 +144,14 @@ func (c *Cloner) createLocked(u int, open bool) (*devnode.Node, error) {
 		_ = link.Close()
 		return nil, err
 	}
-	c.log.Info("create", "unit", name, "ifindex", link.Index())
+	attrs := []any{"unit", name, "ifindex", link.Index()}
+	if a, ok := devnode.ActorFrom(ctx); ok {
+		attrs = append(attrs, "pid", a.Pid, "uid", a.Uid)
+	}
+	c.log.Info("create", attrs...)
+	if c.ev != nil {
+		c.ev.Created()
+	}
 	return n, nil
 }
 
@@ -258,6 +279,7 @@ func (c *Cloner) Retire(ctx context.Context) {
 	}
 	c.mu.Unlock()
 	// Destroy also waits for a destroy already under way elsewhere.
+	ctx = devnode.WithReason(ctx, devnode.ReasonNetnsGone)
 	for _, n := range nodes {
 		_ = n.Destroy(ctx)
 		n.Rel()
@@ -294,7 +316,29 @@ func (d *device) Open(ctx context.Context) error {
 // Close is tunclose() without the destroy: set down, detach, keep.
 func (d *device) Close() error { return d.link.Detach() }
 
-func (d *device) Revoke() { d.link.Wake() }
+// Revoke wakes blocked operations; it logs why the node is going.
+func (d *device) Revoke() {
+	d.link.Wake()
+	d.logCause("revoke")
+	if d.c.ev != nil {
+		d.c.ev.Revoked()
+	}
+}
+
+// logCause logs one line for msg ("revoke", "destroy", "forget") with
+// the unit and what started the node's destroy: the reason and, for a
+// transient last close, the closer's pid and uid.
+func (d *device) logCause(msg string, more ...any) {
+	attrs := []any{"unit", d.link.Name(), "ifindex", d.link.Index()}
+	if n := d.node.Load(); n != nil {
+		c := n.Cause()
+		attrs = append(attrs, "reason", c.Reason)
+		if c.HasActor {
+			attrs = append(attrs, "pid", c.Actor.Pid, "uid", c.Actor.Uid)
+		}
+	}
+	d.c.log.Info(msg, append(attrs, more...)...)
+}
 
 // Destroy deletes the interface and frees its unit under the cloner lock,
 // unlinking the node in the same critical section (seed 004).
@@ -313,9 +357,12 @@ func (d *device) Destroy(unlink func()) error {
 	}
 	defer d.c.rescanLocked(d.unit)
 	if d.foreign {
-		d.c.log.Info("forget", "unit", d.link.Name(), "ifindex", d.link.Index(), "reason", "not made by cdevfs: interface kept")
+		d.logCause("forget", "kept", "not made by cdevfs")
 	} else {
-		d.c.log.Info("destroy", "unit", d.link.Name(), "ifindex", d.link.Index())
+		d.logCause("destroy")
+		if d.c.ev != nil {
+			d.c.ev.Destroyed()
+		}
 	}
 	return err
 }
@@ -373,8 +420,8 @@ func (d *device) check(err error) error {
 }
 
 func (d *device) gone() {
-	if n := d.node.Load(); n != nil && d.c.reg.DestroySched(n) {
-		d.c.log.Info("revoke", "unit", n.Name(), "ifindex", d.link.Index(), "reason", "interface deleted outside cdevfs")
+	if n := d.node.Load(); n != nil {
+		d.c.reg.DestroySched(n, devnode.ReasonDeleted)
 	}
 }
 

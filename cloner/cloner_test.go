@@ -55,7 +55,7 @@ func (e *fakeEnv) names() []string {
 func (e *fakeEnv) destroy(t *testing.T, n *devnode.Node) {
 	t.Helper()
 	if n.Flags()&devnode.FlagOpen != 0 {
-		if err := n.Close(); err != nil {
+		if err := n.Close(context.Background()); err != nil {
 			t.Fatalf("Close(%s) = %v, want nil", n.Name(), err)
 		}
 	}
@@ -139,7 +139,7 @@ func TestCloneAllocatesLowestFreeUnit(t *testing.T) {
 	}
 	e.shutdownClean(t)
 	for _, n := range nodes {
-		_ = n.Close()
+		_ = n.Close(context.Background())
 		n.Rel()
 	}
 	if l := e.reg.Live(); l != 0 {
@@ -415,7 +415,7 @@ func TestDeviceIO(t *testing.T) {
 	if got, err := dev.Write(ctx, make([]byte, MaxPacket)); got != MaxPacket || err != nil {
 		t.Fatalf("Write of exactly the MRU = %d, %v, want %d, nil", got, err, MaxPacket)
 	}
-	_ = n.Close()
+	_ = n.Close(context.Background())
 	n.Rel()
 	e.shutdownClean(t)
 }
@@ -459,7 +459,7 @@ func TestExternalDeleteRevokesNode(t *testing.T) {
 	if len(e.names()) != 0 || e.c.UnitsInUse() != 0 {
 		t.Fatalf("after ip link del: names %v, units %d, want none", e.names(), e.c.UnitsInUse())
 	}
-	_ = n.Close()
+	_ = n.Close(context.Background())
 	n.Rel()
 	if e.reg.Live() != 0 {
 		t.Fatalf("Live() = %d, want 0", e.reg.Live())

@@ -247,7 +247,7 @@ func TestConcurrentLifecycleOneName(t *testing.T) {
 			ios.Add(1)
 			n.Exit()
 		}
-		if err := n.Close(); err != nil && !errors.Is(err, ErrGone) {
+		if err := n.Close(context.Background()); err != nil && !errors.Is(err, ErrGone) {
 			bad("Close = %v", err)
 		}
 	}
@@ -307,7 +307,7 @@ func TestConcurrentLifecycleOneName(t *testing.T) {
 						continue
 					}
 					see(n)
-					e.reg.DestroySched(n)
+					e.reg.DestroySched(n, devnode.ReasonDeleted)
 					n.Rel()
 				case op < 18:
 					_ = e.fake.Inject(name, []byte("incoming"))

@@ -75,7 +75,7 @@ func TestStressWatcherRacesDevicePaths(t *testing.T) {
 							}
 							n.Exit()
 						}
-						_ = n.Close()
+						_ = n.Close(context.Background())
 					}
 					n.Rel()
 				case r < 45: // open of the clone node
@@ -84,7 +84,7 @@ func TestStressWatcherRacesDevicePaths(t *testing.T) {
 						continue
 					}
 					ops[1].Add(1)
-					_ = n.Close()
+					_ = n.Close(context.Background())
 					n.Rel()
 				case r < 65: // ip link del
 					if exec.Command("ip", "link", "del", name).Run() == nil {

@@ -114,9 +114,10 @@ type Node struct {
 	// by SetAttr and UpdateAttr.
 	attr Attr
 
-	mu    sync.Mutex // guards flags, busy, destroyed, attr
+	mu    sync.Mutex // guards flags, busy, destroyed, attr, cause
 	flags Flags
-	busy  int // in-flight operations (si_threadcount)
+	cause Cause // what made the node dying; set with FlagDying
+	busy  int   // in-flight operations (si_threadcount)
 	// drained, if not nil, is closed (and cleared) when busy drops to 0:
 	// a draining destroy makes it, so the packet path's Exit allocates
 	// nothing while no destroy waits.
@@ -271,7 +272,9 @@ func (n *Node) Open(ctx context.Context) error {
 // node dies at once (new opens fail with ENXIO) and the destroy is queued
 // to the registry's worker so that the closing thread never waits on it
 // (seed 001). Close does not drop the handle's reference: the caller does.
-func (n *Node) Close() error {
+// ctx carries the closer (WithActor), recorded as a transient destroy's
+// cause.
+func (n *Node) Close(ctx context.Context) error {
 	n.mu.Lock()
 	dying := n.flags&(FlagDying|FlagGone) != 0
 	transient := n.flags&FlagTransient != 0
@@ -282,6 +285,7 @@ func (n *Node) Close() error {
 		// Dying in the same critical section that ends the open, so no
 		// opener can slip in between and get a half-dead handle (seed 001).
 		n.flags |= FlagDying
+		n.cause = causeFrom(ctx, ReasonTransientClose)
 	}
 	n.mu.Unlock()
 	if dying {
@@ -322,14 +326,16 @@ func (n *Node) SetTransient(on bool) {
 // Destroyed is closed once the node's destroy has finished.
 func (n *Node) Destroyed() <-chan struct{} { return n.destroyed }
 
-// markDying sets FlagDying; it reports false if destroy already began.
-func (n *Node) markDying() bool {
+// markDying sets FlagDying and records why; it reports false if destroy
+// already began.
+func (n *Node) markDying(c Cause) bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.flags&(FlagDying|FlagGone) != 0 {
 		return false
 	}
 	n.flags |= FlagDying
+	n.cause = c
 	return true
 }
 
@@ -346,6 +352,7 @@ func (n *Node) Destroy(ctx context.Context) error {
 		began := n.flags&(FlagDying|FlagGone) != 0
 		if !began {
 			n.flags |= FlagDying
+			n.cause = causeFrom(ctx, ReasonDestroy)
 		}
 		abandoned := n.abandoned
 		n.mu.Unlock()
@@ -598,14 +605,36 @@ func (r *Registry) List() []*Node {
 	return out
 }
 
+// States counts the linked nodes by state: open, closed (neither open nor
+// dying) and dying (destroy under way).
+func (r *Registry) States() (open, closed, dying int) {
+	r.mu.Lock()
+	nodes := make([]*Node, 0, len(r.nodes))
+	for _, n := range r.nodes {
+		nodes = append(nodes, n)
+	}
+	r.mu.Unlock()
+	for _, n := range nodes {
+		switch f := n.Flags(); {
+		case f&FlagDying != 0:
+			dying++
+		case f&FlagOpen != 0:
+			open++
+		case f&FlagGone == 0:
+			closed++
+		}
+	}
+	return open, closed, dying
+}
+
 // Live is the number of nodes made and not yet released.
 func (r *Registry) Live() int64 { return r.live.Load() }
 
-// DestroySched marks n dying at once and queues its destroy to the worker
-// (destroy_dev_sched). Safe to call from an in-flight operation of n.
-// It reports whether it did: false if n was dying already.
-func (r *Registry) DestroySched(n *Node) bool {
-	if !n.markDying() {
+// DestroySched marks n dying at once, for reason, and queues its destroy
+// to the worker (destroy_dev_sched). Safe to call from an in-flight
+// operation of n. It reports whether it did: false if n was dying already.
+func (r *Registry) DestroySched(n *Node, reason string) bool {
+	if !n.markDying(Cause{Reason: reason}) {
 		return false
 	}
 	r.schedDying(n)
@@ -660,7 +689,7 @@ func (r *Registry) Shutdown(ctx context.Context, between func()) {
 
 	var mine, others []*Node
 	for _, n := range nodes {
-		if n.markDying() {
+		if n.markDying(Cause{Reason: ReasonShutdown}) {
 			n.dev.Revoke()
 			mine = append(mine, n)
 		} else {

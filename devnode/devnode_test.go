@@ -194,7 +194,7 @@ func TestReferenceContract(t *testing.T) {
 			}
 			link := e.be.link(t, n.Name())
 			if tc.name == "Clone" {
-				if err := n.Close(); err != nil {
+				if err := n.Close(context.Background()); err != nil {
 					t.Fatalf("Close: %v", err)
 				}
 			}
@@ -381,7 +381,7 @@ func TestDestroyInterruptedWhileBusyLivesOn(t *testing.T) {
 	} else {
 		m.Rel()
 	}
-	if err := n.Close(); err != nil {
+	if err := n.Close(context.Background()); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 	// The node can still be destroyed for real.
@@ -499,7 +499,7 @@ func TestExclusiveOpen(t *testing.T) {
 	if err := n.Open(ctx); !errors.Is(err, devnode.ErrBusy) || !errors.Is(err, syscall.EBUSY) {
 		t.Fatalf("second Open = %v, want ErrBusy (EBUSY)", err)
 	}
-	if err := n.Close(); err != nil {
+	if err := n.Close(context.Background()); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 	if n.Flags()&devnode.FlagOpen != 0 {
@@ -511,7 +511,7 @@ func TestExclusiveOpen(t *testing.T) {
 	if err := n.Open(ctx); err != nil {
 		t.Fatalf("Open after Close = %v, want nil", err)
 	}
-	if err := n.Close(); err != nil {
+	if err := n.Close(context.Background()); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 	// The clone node's node is made already open.
@@ -522,7 +522,7 @@ func TestExclusiveOpen(t *testing.T) {
 	if err := c.Open(ctx); !errors.Is(err, syscall.EBUSY) {
 		t.Fatalf("Open of a node made open by the clone node = %v, want EBUSY", err)
 	}
-	if err := c.Close(); err != nil {
+	if err := c.Close(context.Background()); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 	c.Rel()
@@ -577,7 +577,7 @@ func TestOpenDuringCloseIsBusy(t *testing.T) {
 	}
 	releaseClose := sync.OnceFunc(func() { close(d.release) })
 	defer releaseClose()
-	closed := async(n.Close)
+	closed := async(func() error { return n.Close(context.Background()) })
 	select {
 	case <-d.closing:
 	case <-time.After(waitLong):
@@ -605,7 +605,7 @@ func TestOpenDuringCloseIsBusy(t *testing.T) {
 	if d.closes.Load() != 1 {
 		t.Fatalf("Destroy called the device's Close; destroy owns the device")
 	}
-	if err := n.Close(); err != nil {
+	if err := n.Close(context.Background()); err != nil {
 		t.Fatalf("Close of a destroyed node = %v, want nil", err)
 	}
 	n.Rel()
@@ -636,7 +636,7 @@ func TestTransientLastClose(t *testing.T) {
 	if n.Flags()&devnode.FlagTransient == 0 {
 		t.Fatalf("SetTransient(true) did not set FlagTransient")
 	}
-	closed := async(n.Close)
+	closed := async(func() error { return n.Close(context.Background()) })
 	if err := recv(t, closed, "Close of a transient node (must not wait for its destroy)"); err != nil {
 		t.Fatalf("Close = %v, want nil", err)
 	}
@@ -697,7 +697,7 @@ func TestTransientLastClose(t *testing.T) {
 	if err := m.Open(ctx); err != nil {
 		t.Fatalf("Open of the fresh node = %v, want nil", err)
 	}
-	if err := m.Close(); err != nil {
+	if err := m.Close(context.Background()); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 	n.Rel()
@@ -712,8 +712,8 @@ func TestDestroySchedFromInFlight(t *testing.T) {
 	n := e.lookup(t, "tun0")
 	exit := enter(t, n)
 	defer exit()
-	e.reg.DestroySched(n)
-	e.reg.DestroySched(n) // a second request is a no-op
+	e.reg.DestroySched(n, devnode.ReasonDeleted)
+	e.reg.DestroySched(n, devnode.ReasonDeleted) // a second request is a no-op
 	if err := n.Open(context.Background()); !errors.Is(err, syscall.ENXIO) {
 		t.Fatalf("Open after DestroySched = %v, want ENXIO", err)
 	}
@@ -850,7 +850,7 @@ func TestShutdownRevokesDrainsAndDestroys(t *testing.T) {
 		if links[n.Name()].closes.Load() != 0 {
 			t.Fatalf("%s released while its handle still holds a reference", n.Name())
 		}
-		if err := n.Close(); err != nil {
+		if err := n.Close(context.Background()); err != nil {
 			t.Fatalf("Close(%s) after Shutdown = %v, want nil", n.Name(), err)
 		}
 		n.Rel()
@@ -883,7 +883,7 @@ func TestShutdownWaitsForDestroyUnderWay(t *testing.T) {
 				t.Fatalf("Open: %v", err)
 			}
 			n.SetTransient(true)
-			return async(n.Close)
+			return async(func() error { return n.Close(context.Background()) })
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

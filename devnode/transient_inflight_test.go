@@ -26,7 +26,7 @@ func TestTransientCloseReturnsWhileOperationDrains(t *testing.T) {
 	if err := n.Enter(); err != nil { // an operation in flight: a blocked read, say
 		t.Fatalf("Enter: %v", err)
 	}
-	closed := async(n.Close)
+	closed := async(func() error { return n.Close(context.Background()) })
 	if err := recv(t, closed, "transient Close with an operation in flight (must not wait)"); err != nil {
 		t.Fatalf("Close = %v, want nil", err)
 	}

@@ -30,6 +30,13 @@ func caller(ctx context.Context) fuse.Caller {
 	return fuse.Caller{}
 }
 
+// withActor returns ctx carrying the FUSE caller as devnode's actor, so
+// that the cloner's create and destroy logs name the process behind them.
+func withActor(ctx context.Context) context.Context {
+	c := caller(ctx)
+	return devnode.WithActor(ctx, devnode.Actor{Pid: c.Pid, Uid: c.Uid})
+}
+
 // creds are a FUSE caller's credentials. The kernel passes the uid, gid
 // and pid; the supplementary groups and effective capabilities come from
 // /proc/PID/status, read once per request that needs them. The daemon

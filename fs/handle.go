@@ -4,9 +4,11 @@ import (
 	"context"
 	"encoding/binary"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/metrics"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
@@ -20,10 +22,11 @@ const handleFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_STREAM | fuse.FOPEN_NONSEE
 // open to release, and runs each operation as an in-flight operation of
 // the node, so Destroy waits for it and revocation ends it with ENXIO.
 type handle struct {
-	node   *devnode.Node
-	io     devnode.IO
-	notify func(kh uint64) // sends FUSE_NOTIFY_POLL
-	fhs    *fhTable        // the transport's fast-path table (identCmd)
+	node    *devnode.Node
+	io      devnode.IO
+	notify  func(kh uint64)  // sends FUSE_NOTIFY_POLL
+	fhs     *fhTable         // the transport's fast-path table (identCmd)
+	metrics *metrics.Metrics // packets, bytes, errors; nil counts nothing
 
 	// pollKh is the kernel's poll handle of this file (stable until
 	// release) and pollWake the wake function built for it once, so a
@@ -31,6 +34,11 @@ type handle struct {
 	pollMu   sync.Mutex
 	pollKh   uint64
 	pollWake func()
+
+	// closer is the process of the latest close(2) of this file (FLUSH).
+	// RELEASE, the last close, carries no caller (the kernel sends it
+	// without credentials, often from a worker), so this is who closed.
+	closer atomic.Pointer[devnode.Actor]
 }
 
 var (
@@ -42,7 +50,7 @@ var (
 )
 
 func newHandle(n *devnode.Node, r *Root) *handle {
-	h := &handle{node: n, notify: r.notifyPoll, fhs: r.fhs}
+	h := &handle{node: n, notify: r.notifyPoll, fhs: r.fhs, metrics: r.metrics}
 	h.io, _ = n.Device().(devnode.IO)
 	return h
 }
@@ -62,8 +70,9 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 	defer h.node.Exit()
 	n, err := h.io.Read(ctx, dest, off&syscall.O_NONBLOCK != 0)
 	if err != nil {
-		return nil, errno(err)
+		return nil, h.fail(err)
 	}
+	h.metrics.Read(n)
 	return fuse.ReadResultData(dest[:n]), 0
 }
 
@@ -85,8 +94,9 @@ func (h *handle) readNow(dest []byte, nonblock bool) (n int, e syscall.Errno, wa
 		if e == syscall.EAGAIN && !nonblock {
 			return 0, 0, true
 		}
-		return 0, e, false
+		return 0, h.fail(err), false
 	}
+	h.metrics.Read(n)
 	return n, 0, false
 }
 
@@ -103,8 +113,9 @@ func (h *handle) writeNow(data []byte) (int, syscall.Errno) {
 	n, err := h.io.Write(context.Background(), data)
 	h.node.Exit()
 	if err != nil {
-		return 0, errno(err)
+		return 0, h.fail(err)
 	}
+	h.metrics.Wrote(n)
 	return n, 0
 }
 
@@ -119,17 +130,35 @@ func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, sys
 	defer h.node.Exit()
 	n, err := h.io.Write(ctx, data)
 	if err != nil {
-		return 0, errno(err)
+		return 0, h.fail(err)
 	}
+	h.metrics.Wrote(n)
 	return uint32(n), 0
 }
 
-// Flush implements fs.FileFlusher (close(2) of one of several dups).
-func (h *handle) Flush(ctx context.Context) syscall.Errno { return 0 }
+// fail maps a device error to its errno and counts it.
+func (h *handle) fail(err error) syscall.Errno {
+	e := errno(err)
+	h.metrics.Error(e)
+	return e
+}
+
+// Flush implements fs.FileFlusher: every close(2), with the closer's
+// credentials, which Release logs for a transient destroy.
+func (h *handle) Flush(ctx context.Context) syscall.Errno {
+	c := caller(ctx)
+	h.closer.Store(&devnode.Actor{Pid: c.Pid, Uid: c.Uid})
+	return 0
+}
 
 // Release implements fs.FileReleaser: the last close.
 func (h *handle) Release(ctx context.Context) syscall.Errno {
-	err := h.node.Close()
+	if a := h.closer.Load(); a != nil {
+		ctx = devnode.WithActor(ctx, *a)
+	} else {
+		ctx = withActor(ctx)
+	}
+	err := h.node.Close(ctx)
 	h.node.Rel()
 	return errno(err)
 }
@@ -156,7 +185,10 @@ func (h *handle) Ioctl(ctx context.Context, cmd uint32, arg uint64, input, outpu
 	if !ok {
 		return 0, syscall.ENOTTY
 	}
-	return 0, errno(ioc.Ioctl(ctx, cmd, caller(ctx).Pid, input, output))
+	if err := ioc.Ioctl(ctx, cmd, caller(ctx).Pid, input, output); err != nil {
+		return 0, h.fail(err)
+	}
+	return 0, 0
 }
 
 // fusePollScheduleNotify is FUSE_POLL_SCHEDULE_NOTIFY: the kernel will

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cdevfs/cdevfs/metrics"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
@@ -25,6 +26,9 @@ type MountOptions struct {
 	Debug bool
 	// Log receives the daemon's log lines.
 	Log *slog.Logger
+	// Metrics counts opens, packets, errors and FUSE requests; nil
+	// counts nothing.
+	Metrics *metrics.Metrics
 }
 
 // maxWrite is the largest WRITE the kernel sends us: above the MRU, so
@@ -74,9 +78,11 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 // node tree and protocol server behind this package's request loop.
 func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 	t := newTransport(dev, o.Log, maxWrite)
+	t.metrics = o.Metrics
 	if r, ok := root.(*Root); ok {
 		r.notifyPoll = func(kh uint64) { t.PollNotify(kh) }
 		r.fhs = &t.fhs
+		r.metrics = o.Metrics
 	}
 	t.fast = !o.Debug
 	zero := time.Duration(0)

@@ -9,7 +9,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
+	"github.com/cdevfs/cdevfs/metrics"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
@@ -36,6 +38,8 @@ type transport struct {
 	// logs every request.
 	fhs  fhTable
 	fast bool
+
+	metrics *metrics.Metrics // request latency; nil counts nothing
 
 	bufSize int
 	bufs    sync.Pool
@@ -122,6 +126,7 @@ func (t *transport) handle(in, out []byte) {
 		return
 	}
 	op := binary.NativeEndian.Uint32(in[4:])
+	defer t.metrics.Request(op, time.Now()) // the request's latency, reply written (fast path included)
 	if t.fast {
 		if n, ok := t.fastPath(op, in, out); ok {
 			if n > 0 {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/metrics"
 	"github.com/cdevfs/cdevfs/rules"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -37,6 +38,8 @@ type Root struct {
 	notifyPoll func(kh uint64)
 	// fhs is the transport's fast-path table; set by New before serving.
 	fhs *fhTable
+	// metrics counts opens, packets and errors; set by New (nil: none).
+	metrics *metrics.Metrics
 }
 
 var (
@@ -192,7 +195,7 @@ func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 			return nil, syscall.ENOENT
 		}
 		// A racing creator's node comes back from the cloner itself.
-		n, err = r.reg.Lookup(ctx, name)
+		n, err = r.reg.Lookup(withActor(ctx), name)
 		if err != nil {
 			if e := errno(err); e != syscall.ENOENT {
 				r.log.Warn("refused clone", "unit", name, "error", err, "pid", c.Pid, "uid", c.Uid)
@@ -262,6 +265,7 @@ func (d *devNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32
 		d.node.Rel()
 		return nil, 0, errno(err)
 	}
+	d.root.metrics.Opened()
 	return newHandle(d.node, d.root), handleFlags, 0
 }
 
@@ -294,11 +298,12 @@ func (c *cloneNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint
 	if e := c.checkOpen(ctx, flags); e != 0 {
 		return nil, 0, e
 	}
-	n, err := c.root.reg.Clone(ctx, c.prefix) // made open, with the handle's reference
+	n, err := c.root.reg.Clone(withActor(ctx), c.prefix) // made open, with the handle's reference
 	if err != nil {
 		c.root.log.Warn("refused clone", "unit", c.prefix, "error", err, "pid", cl.Pid, "uid", cl.Uid)
 		return nil, 0, errno(err)
 	}
+	c.root.metrics.Opened()
 	return newHandle(n, c.root), handleFlags, 0
 }
 
