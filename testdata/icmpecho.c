@@ -1,7 +1,7 @@
 /*
  * icmpecho: ping through a tun device from the "far end" of the link.
  *
- * usage: icmpecho [-t IFNAME] DEVICE SRC DST [COUNT]
+ * usage: icmpecho [-t IFNAME] [-u UPCMD] DEVICE SRC DST [COUNT]
  *
  * Opens DEVICE (for instance MOUNT/tun5 on a cdevfs mount) read-write and,
  * COUNT times (default 1), writes one IPv4 ICMP echo request from SRC to DST
@@ -26,6 +26,13 @@
  * use this to check the client against a plain kernel tun, without a cdevfs
  * mount.
  *
+ * With -u UPCMD, once DEVICE is open the client asks which interface it
+ * got (cdevfs's BSD TUNGIFNAME ioctl, as from testdata/include/net/if_tun.h)
+ * and runs `sh -c UPCMD sh IFNAME` before the first request, as OpenVPN
+ * runs its --up script: opening a clone node (MOUNT/tun) creates an
+ * interface whose name only the opener learns, and someone has to give it
+ * addresses and set it up. The client fails if UPCMD does.
+ *
  * Exit status 0 when every echo was answered; 1 with a message on stderr on
  * any failure, including no answer within 5 seconds per request (alarm(2)).
  * On a FUSE device the signal ends a blocked read(2) only if the daemon
@@ -47,11 +54,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #ifdef __linux__
 #include <linux/if.h>
 #include <linux/if_tun.h>
+#endif
+
+#ifdef __linux__
+/* cdevfs's TUNGIFNAME (BSD's, re-encoded for Linux); the same number as in
+ * testdata/include/net/if_tun.h, whose <net/if.h> clashes with <linux/if.h>. */
+#ifndef TUNGIFNAME
+#define TUNGIFNAME _IOR('t', 93, struct ifreq)
+#endif
 #endif
 
 #define IPHDR_LEN 20
@@ -91,7 +108,7 @@ static void on_alarm(int sig)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: %s [-t IFNAME] DEVICE SRC DST [COUNT]\n", prog);
+	fprintf(stderr, "usage: %s [-t IFNAME] [-u UPCMD] DEVICE SRC DST [COUNT]\n", prog);
 	exit(1);
 }
 
@@ -190,9 +207,28 @@ static int is_reply(const unsigned char *p, size_t n, const unsigned char *req,
 	return memcmp(icmp + 4, req + IPHDR_LEN + 4, icmplen - 4) == 0;
 }
 
+/* run_up runs `sh -c cmd sh ifname` and waits for it; it must succeed. */
+static void run_up(const char *cmd, const char *ifname)
+{
+	pid_t pid = fork();
+	int st;
+
+	if (pid < 0)
+		die_errno("fork", "for -u");
+	if (pid == 0) {
+		execl("/bin/sh", "sh", "-c", cmd, "sh", ifname, (char *)NULL);
+		_exit(127);
+	}
+	while (waitpid(pid, &st, 0) < 0)
+		if (errno != EINTR)
+			die_errno("waitpid", "-u command");
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+		die("-u command failed for %s", ifname);
+}
+
 int main(int argc, char **argv)
 {
-	const char *ifname = NULL, *dev;
+	const char *ifname = NULL, *upcmd = NULL, *dev;
 	struct in_addr src, dst;
 	unsigned char req[IPHDR_LEN + ICMPHDR_LEN + PAYLOAD_LEN];
 	struct sigaction sa;
@@ -201,10 +237,13 @@ int main(int argc, char **argv)
 	long seq;
 	int fd, c;
 
-	while ((c = getopt(argc, argv, "t:")) != -1) {
+	while ((c = getopt(argc, argv, "t:u:")) != -1) {
 		switch (c) {
 		case 't':
 			ifname = optarg;
+			break;
+		case 'u':
+			upcmd = optarg;
 			break;
 		default:
 			usage();
@@ -258,6 +297,21 @@ int main(int argc, char **argv)
 			die("%s is not an existing persistent tun interface", ifname);
 #else
 		die("-t %s: TUNSETIFF is Linux only", ifname);
+#endif
+	}
+
+	if (upcmd != NULL) {
+#ifdef __linux__
+		struct ifreq ifr;
+		char name[IFNAMSIZ + 1];
+		memset(&ifr, 0, sizeof ifr);
+		if (ioctl(fd, TUNGIFNAME, &ifr) != 0)
+			die_errno("TUNGIFNAME", dev);
+		memcpy(name, ifr.ifr_name, IFNAMSIZ);
+		name[IFNAMSIZ] = '\0';
+		run_up(upcmd, name);
+#else
+		die("-u %s: needs Linux's struct ifreq", upcmd);
 #endif
 	}
 
