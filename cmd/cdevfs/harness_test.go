@@ -156,7 +156,7 @@ func startDaemonAt(t *testing.T, dir string, flags ...string) *daemon {
 			d.mu.Lock()
 			d.logb.WriteString(sc.Text() + "\n")
 			d.mu.Unlock()
-			if strings.Contains(sc.Text(), "msg=serving") {
+			if strings.Contains(sc.Text(), "msg=serving") || strings.Contains(sc.Text(), `"msg":"serving"`) {
 				once.Do(func() { close(ready) })
 			}
 		}

@@ -15,12 +15,15 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 
 	"github.com/cdevfs/cdevfs/cloner"
 	"github.com/cdevfs/cdevfs/devnode"
 	cfs "github.com/cdevfs/cdevfs/fs"
+	"github.com/cdevfs/cdevfs/metrics"
+	sd "github.com/coreos/go-systemd/v22/daemon"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -70,31 +73,45 @@ type mountFlags struct {
 	netns      string
 	orphans    string
 	rules      ruleSource
+	logFormat  logFormat
+	metrics    string
 }
 
-func mountCmd(args []string, stdout, stderr io.Writer) int {
-	var f mountFlags
+// mountFlagSet defines the mount flags on f.
+func mountFlagSet(f *mountFlags) *flag.FlagSet {
 	fl := flag.NewFlagSet("cdevfs mount", flag.ContinueOnError)
-	fl.SetOutput(stderr)
 	fl.BoolVar(&f.allowOther, "allow-other", false, "let every user use the mount (mount option allow_other); cloning still needs CAP_NET_ADMIN")
-	fl.IntVar(&f.maxUnit, "max-unit", cloner.DefaultMaxUnit, "highest tun/tap unit number")
+	fl.IntVar(&f.maxUnit, "max-unit", cloner.DefaultMaxUnit, "highest tun/tap unit number `N`")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request (implies --log-level debug)")
-	fl.TextVar(&f.logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
-	fl.StringVar(&f.netns, "netns", "", "create and watch interfaces in this network namespace: a name of `ip netns` or a path (default: the daemon's own)")
-	fl.StringVar(&f.orphans, "orphans", "adopt", "what to do at start with interfaces a killed cdevfs left at this mountpoint: adopt or destroy")
+	fl.TextVar(&f.logLevel, "log-level", slog.LevelInfo, "lowest `LEVEL` logged: debug, info, warn or error")
+	fl.TextVar(&f.logFormat, "log-format", logText, "`FORMAT` of the log lines: text (key=value) or json (one object a line)")
+	fl.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics: host:port, or unix:/path for a unix socket")
+	fl.StringVar(&f.netns, "netns", "", "create and watch interfaces in the network namespace `NETNS`: a name of ip netns, or a path (default: the daemon's own)")
+	fl.StringVar(&f.orphans, "orphans", "adopt", "`WHAT` to do at start with interfaces a killed cdevfs left at this mountpoint: adopt or destroy")
 	fl.StringVar(&f.rules.file, "rules", "", "devfs rules `FILE` (FreeBSD devfs.rules syntax); re-read on SIGHUP")
 	fl.StringVar(&f.rules.set, "ruleset", "", "the ruleset of --rules to apply: `NAME|NUMBER`")
 	fl.Usage = func() {
 		fmt.Fprint(fl.Output(), "usage: cdevfs mount [flags] MOUNTPOINT\n\nflags:\n")
-		fl.PrintDefaults()
+		printFlags(fl)
 	}
+	return fl
+}
+
+func mountCmd(args []string, stdout, stderr io.Writer) int {
+	var f mountFlags
+	fl := mountFlagSet(&f)
+	var msg strings.Builder // usage goes to stdout when asked for, else to stderr
+	fl.SetOutput(&msg)
 	if err := fl.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, msg.String())
 			return 0
 		}
+		fmt.Fprint(stderr, msg.String())
 		return 2
 	}
 	if fl.NArg() != 1 {
+		fl.SetOutput(stderr)
 		fl.Usage()
 		return 2
 	}
@@ -105,10 +122,10 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "cdevfs: --orphans %q: want adopt or destroy\n", f.orphans)
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: f.logLevel}))
+	log := f.logFormat.logger(stderr, f.logLevel)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := serve(ctx, fl.Arg(0), f, log, nil); err != nil {
+	if err := serve(ctx, fl.Arg(0), f, log, sdNotifier(log)); err != nil {
 		fmt.Fprintf(stderr, "cdevfs: %v\n", err)
 		return 1
 	}
@@ -118,9 +135,9 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 // serve mounts the tree at dir and serves it until ctx ends, then shuts
 // down in the fixed order: stop accepting (no clone), revoke every node,
 // drain in-flight operations, unmount, destroy the interfaces cdevfs
-// created, close the fds. ready, if not nil, is called once the mount
-// serves.
-func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, ready func()) error {
+// created, close the fds. notify, if not nil, is told READY=1 once the
+// mount serves and STOPPING=1 when the shutdown begins (sd_notify states).
+func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, notify func(state string)) error {
 	rs, err := f.rules.load()
 	if err != nil {
 		return err
@@ -143,9 +160,23 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 	kinds := []cloner.Kind{cloner.Tun, cloner.Tap}
 	var prefixes []string
 	var cloners []*cloner.Cloner
+	var mx *metrics.Metrics // nil without --metrics: counts nothing
+	if f.metrics != "" {
+		mx = metrics.New(reg.States)
+		srv, err := metrics.Listen(f.metrics, mx.Handler())
+		if err != nil {
+			reg.Shutdown(context.Background(), nil)
+			return err
+		}
+		defer srv.Close()
+		log.Info("metrics", "addr", srv.Addr())
+	}
 	for _, k := range kinds {
 		c := cloner.New(k, be, reg, f.maxUnit, log)
 		c.DestroyOrphans(f.orphans == "destroy")
+		if mx != nil {
+			c.SetEvents(mx)
+		}
 		cloners = append(cloners, c)
 		prefixes = append(prefixes, k.Prefix())
 	}
@@ -162,7 +193,7 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 	// Mount before following the kernel: the mountpoint check refuses a
 	// second daemon on a live mount before it could adopt (and at its
 	// exit delete) the interfaces of the first, which carry the same mark.
-	m, err := cfs.New(dir, root, cfs.MountOptions{AllowOther: f.allowOther, Debug: f.debug, Log: log})
+	m, err := cfs.New(dir, root, cfs.MountOptions{AllowOther: f.allowOther, Debug: f.debug, Log: log, Metrics: mx})
 	if err != nil {
 		reg.Shutdown(context.Background(), nil)
 		return err
@@ -192,11 +223,14 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, read
 	}
 	defer reloadOnHUP(f.rules, root.SetRules, log)()
 	log.Info("serving", "mountpoint", m.Dir(), "pid", os.Getpid())
-	if ready != nil {
-		ready()
+	if notify != nil {
+		notify(sd.SdNotifyReady)
 	}
 	<-ctx.Done()
 	log.Info("shutting down", "mountpoint", m.Dir())
+	if notify != nil {
+		notify(sd.SdNotifyStopping)
+	}
 	shutdown()
 	log.Info("stopped")
 	return nil
