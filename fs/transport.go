@@ -51,18 +51,20 @@ type transport struct {
 }
 
 const (
-	opOpen      = 14
-	opRead      = 15
-	readInLen   = 80 // struct fuse_read_in after the header: fh at 40, size at 56, flags at 72
-	opWrite     = 16
-	writeInLen  = 80 // struct fuse_write_in after the header: fh at 40, size at 56; data follows
-	opRelease   = 18
-	opInit      = 26
-	opIoctl     = 39
-	ioctlInLen  = 72 // struct fuse_ioctl_in after the header: cmd at 52
-	opInterrupt = 36
-	opPoll      = 40
-	inHeaderLen = 40
+	opOpen        = 14
+	opRead        = 15
+	readInLen     = 80 // struct fuse_read_in after the header: fh at 40, size at 56, flags at 72
+	opWrite       = 16
+	writeInLen    = 80 // struct fuse_write_in after the header: fh at 40, size at 56; data follows
+	opRelease     = 18
+	opInit        = 26
+	opIoctl       = 39
+	ioctlInLen    = 72 // struct fuse_ioctl_in after the header: cmd at 52
+	opInterrupt   = 36
+	opPoll        = 40
+	opSetxattr    = 21 // through opRemovexattr = 24
+	opRemovexattr = 24
+	inHeaderLen   = 40
 	// maxIdleReaders bounds the readers kept waiting once a burst is over.
 	maxIdleReaders = 4
 )
@@ -152,6 +154,12 @@ func (t *transport) handle(in, out []byte) {
 	switch {
 	case op == opPoll:
 		n = t.poll(in, out)
+	case op >= opSetxattr && op <= opRemovexattr:
+		// No node has extended attributes. ENOSYS (go-fuse would answer
+		// ENODATA every time) makes the kernel stop asking for the
+		// connection's life: `ls -l` asks for security.selinux on every
+		// entry, a daemon round trip each that a large tree pays for.
+		n = errorReply(in, out, syscall.ENOSYS)
 	case op == opIoctl && len(in) >= ioctlInLen && isPrivateCmd(binary.NativeEndian.Uint32(in[52:])):
 		// The private commands are ours alone: a user's ioctl(2) with the
 		// same number is refused, so a handle never mistakes it for ours.
