@@ -26,12 +26,9 @@ func (b *Linux) DeleteMany(indexes []int) error {
 	if len(indexes) == 0 {
 		return nil
 	}
-	var links []netlink.Link
-	if err := b.handle(func(h *netlink.Handle) (err error) {
-		links, err = h.LinkList()
+	links, err := b.linkList()
+	if err != nil {
 		return err
-	}); err != nil {
-		return fmt.Errorf("cloner: list links: %w", err)
 	}
 	used := make(map[uint32]bool)
 	present := make(map[int]netlink.Link)
@@ -44,7 +41,7 @@ func (b *Linux) DeleteMany(indexes []int) error {
 		group++
 	}
 	mine := make(map[int]bool)
-	err := b.handle(func(h *netlink.Handle) error {
+	err = b.handle(func(h *netlink.Handle) error {
 		for _, i := range indexes {
 			if l := present[i]; l != nil {
 				if err := h.LinkSetGroup(l, int(group)); err == nil {
@@ -74,11 +71,8 @@ func (b *Linux) DeleteMany(indexes []int) error {
 
 // groupIsExactly reports whether the interfaces in group are those of want.
 func (b *Linux) groupIsExactly(group uint32, want map[int]bool) bool {
-	var links []netlink.Link
-	if err := b.handle(func(h *netlink.Handle) (err error) {
-		links, err = h.LinkList()
-		return err
-	}); err != nil {
+	links, err := b.linkList()
+	if err != nil {
 		return false
 	}
 	n := 0
@@ -129,4 +123,18 @@ func (b *Linux) delGroup(group uint32) error {
 			return nil
 		}
 	}
+}
+
+// linkList lists the interfaces of the backend's namespace.
+func (b *Linux) linkList() (links []netlink.Link, err error) {
+	if herr := b.handle(func(h *netlink.Handle) error {
+		links, err = h.LinkList()
+		return nil
+	}); herr != nil {
+		return nil, herr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("cloner: list links: %w", err)
+	}
+	return links, nil
 }

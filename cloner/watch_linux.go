@@ -41,12 +41,9 @@ func (b *Linux) Watch(done <-chan struct{}, w Watcher) error {
 			}
 		}
 	}()
-	var links []netlink.Link
-	if err := b.handle(func(h *netlink.Handle) (err error) {
-		links, err = h.LinkList()
+	links, err := b.linkList()
+	if err != nil {
 		return err
-	}); err != nil {
-		return fmt.Errorf("cloner: list links: %w", err)
 	}
 	for _, l := range links {
 		w.Appeared(b.linkInfo(l))

@@ -52,17 +52,7 @@ func nsIP(t *testing.T, ns string, args ...string) string {
 // nsLinks lists the tun/tap interface names of a named namespace.
 func nsLinks(t *testing.T, ns string) []string {
 	t.Helper()
-	var names []string
-	for _, l := range strings.Split(nsIP(t, ns, "-o", "link", "show"), "\n") {
-		f := strings.Fields(l)
-		if len(f) > 1 {
-			name := strings.TrimSuffix(strings.SplitN(f[1], "@", 2)[0], ":")
-			if strings.HasPrefix(name, "tun") || strings.HasPrefix(name, "tap") {
-				names = append(names, name)
-			}
-		}
-	}
-	return names
+	return tuntapNames(nsIP(t, ns, "-o", "link", "show"))
 }
 
 // netnsPath is the daemon's own network namespace.

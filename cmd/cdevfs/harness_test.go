@@ -232,7 +232,11 @@ func (d *daemon) mustIP(args ...string) string {
 // links lists the tun/tap interface names in the daemon's namespace.
 func (d *daemon) links() []string {
 	d.t.Helper()
-	out := d.mustIP("-o", "link", "show")
+	return tuntapNames(d.mustIP("-o", "link", "show"))
+}
+
+// tuntapNames picks the tun* and tap* names out of `ip -o link show`.
+func tuntapNames(out string) []string {
 	var names []string
 	for _, l := range strings.Split(out, "\n") {
 		f := strings.Fields(l)
