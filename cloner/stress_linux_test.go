@@ -41,8 +41,9 @@ func TestStressWatcherRacesDevicePaths(t *testing.T) {
 	c := New(Tun, b, reg, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	done := make(chan struct{})
 	var watchErrs atomic.Int64
-	if err := b.Watch(done, Watcher{Appeared: c.LinkAppeared, Deleted: c.LinkDeleted,
-		Error: func(error) { watchErrs.Add(1) }}); err != nil {
+	stopped, err := b.Watch(done, Watcher{Appeared: c.LinkAppeared, Deleted: c.LinkDeleted,
+		Error: func(error) { watchErrs.Add(1) }})
+	if err != nil {
 		t.Fatal(err)
 	}
 	names := []string{"tun0", "tun1", "tun2", "tun3"}
@@ -128,6 +129,7 @@ func TestStressWatcherRacesDevicePaths(t *testing.T) {
 		t.Errorf("after the stress, once quiet:\n%s", strings.Join(problems, "\n"))
 	}
 	close(done)
+	<-stopped // no watch callback from here on: the deletions below are ours
 	reg.Shutdown(ctx, func() {
 		if err := DeleteCreated(b, c); err != nil {
 			t.Errorf("DeleteCreated: %v", err)

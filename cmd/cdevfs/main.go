@@ -201,12 +201,16 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, noti
 	stopWatch := make(chan struct{})
 	var stopOnce sync.Once
 	stop := func() { stopOnce.Do(func() { close(stopWatch) }) }
+	idle := make(chan struct{})
+	close(idle)
+	var watching <-chan struct{} = idle // closed once no watch callback runs
 	// shutdown is the fixed close order: stop accepting (no clone, no
 	// watch), revoke every node, drain in-flight operations, unmount,
 	// delete the interfaces cdevfs created (in one batch), then destroy
 	// the nodes and close their fds; the backend's fds close last.
 	shutdown := func() {
-		stop() // the deletions below are ours, not news
+		stop()
+		<-watching // the deletions below are ours, not news
 		reg.Shutdown(context.Background(), func() {
 			if err := m.Unmount(); err != nil {
 				log.Error("unmount", "error", err)
@@ -217,7 +221,11 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, noti
 		})
 		m.Close()
 	}
-	if err := follow(be, reg, cloners, f.netns, stopWatch, stop, log); err != nil {
+	w, err := follow(be, reg, cloners, f.netns, stopWatch, stop, log)
+	if w != nil {
+		watching = w
+	}
+	if err != nil {
 		shutdown()
 		return err
 	}
@@ -240,9 +248,10 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, noti
 // netlink subscription adopts interfaces that appear (and lists those
 // there now) and revokes the nodes of deleted ones; with --netns, the
 // deletion of the namespace retires every tun and tap device.
-func follow(be *cloner.Linux, reg *devnode.Registry, cloners []*cloner.Cloner, ns string, stopWatch chan struct{}, stop func(), log *slog.Logger) error {
+// The returned channel is closed once no watch callback runs any more.
+func follow(be *cloner.Linux, reg *devnode.Registry, cloners []*cloner.Cloner, ns string, stopWatch chan struct{}, stop func(), log *slog.Logger) (<-chan struct{}, error) {
 	onError := func(err error) { log.Error("watch", "error", err) }
-	err := be.Watch(stopWatch, cloner.Watcher{
+	watching, err := be.Watch(stopWatch, cloner.Watcher{
 		Appeared: func(info cloner.LinkInfo) {
 			for _, c := range cloners {
 				c.LinkAppeared(info)
@@ -256,13 +265,14 @@ func follow(be *cloner.Linux, reg *devnode.Registry, cloners []*cloner.Cloner, n
 		Error: onError,
 	})
 	if err != nil || ns == "" {
-		return err
+		return watching, err
 	}
-	return cloner.WatchNetnsGone(cloner.NetnsPath(ns), stopWatch, func() {
+	return watching, cloner.WatchNetnsGone(cloner.NetnsPath(ns), stopWatch, func() {
 		// Like a VNET jail's teardown (seed 002): every device of the
 		// namespace is destroyed; the static nodes stay.
 		log.Warn("network namespace deleted: revoking its devices", "netns", ns)
 		stop()
+		<-watching
 		for _, c := range cloners {
 			c.Retire(context.Background())
 		}
