@@ -355,7 +355,10 @@ func (d *device) Destroy(unlink func()) error {
 	if d.c.byIndex[d.link.Index()] == d {
 		delete(d.c.byIndex, d.link.Index())
 	}
-	defer d.c.rescanLocked(d.unit)
+	if n := d.node.Load(); n == nil || n.Cause().Reason != devnode.ReasonShutdown {
+		// At shutdown nothing can be published any more: no rescan.
+		defer d.c.rescanLocked(d.unit)
+	}
 	if d.foreign {
 		d.logCause("forget", "kept", "not made by cdevfs")
 	} else {

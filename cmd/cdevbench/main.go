@@ -44,7 +44,6 @@ type config struct {
 	openClose int
 	scale     []int
 	relay     bool
-	keep      bool
 }
 
 const nsEnv = "CDEVBENCH_NETNS"

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"slices"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -54,9 +53,6 @@ func nsLinks(t *testing.T, ns string) []string {
 	t.Helper()
 	return tuntapNames(nsIP(t, ns, "-o", "link", "show"))
 }
-
-// netnsPath is the daemon's own network namespace.
-func (d *daemon) netnsPath() string { return "/proc/" + strconv.Itoa(d.cmd.Process.Pid) + "/ns/net" }
 
 // tunFlags reads /sys/class/net/NAME/tun_flags as the administrator would,
 // from a sysfs mounted inside the namespace at nsPath (a sysfs shows the
