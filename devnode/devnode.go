@@ -458,6 +458,11 @@ type Registry struct {
 	// policy sets a new node's attributes before it is published (devfs
 	// rules, devfs_rules_apply in FreeBSD's devfs_populate). Guarded by mu.
 	policy func(name string, a *Attr)
+
+	// unlinked is told each name whose node has just been unlinked, so
+	// that the fs layer can drop the kernel's cached entry. Guarded by mu;
+	// called without it.
+	unlinked func(name string)
 }
 
 // NewRegistry returns an empty registry with its DestroySched worker
@@ -489,6 +494,16 @@ func (r *Registry) SetAttrPolicy(f func(name string, a *Attr)) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.policy = f
+}
+
+// SetUnlinkHook installs f, called with a node's name right after the
+// name is unlinked (in a destroy, before the backing object goes). It
+// runs inside Device.Destroy, under the cloner's lock: it must not block
+// or call the registry (the fs layer queues a kernel invalidation).
+func (r *Registry) SetUnlinkHook(f func(name string)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.unlinked = f
 }
 
 // AddCloner registers a clone handler (the dev_clone event handler).
@@ -532,13 +547,28 @@ func (r *Registry) Make(name string, dev Device, open bool) (*Node, error) {
 	return n, nil
 }
 
-// unlink removes n's name, if it is still n's.
+// unlink removes n's name, if it is still n's, and tells the unlink hook.
 func (r *Registry) unlink(n *Node) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.nodes[n.name] == n {
+	mine := r.nodes[n.name] == n
+	if mine {
 		delete(r.nodes, n.name)
 	}
+	hook := r.unlinked
+	r.mu.Unlock()
+	if mine && hook != nil {
+		hook(n.name)
+	}
+}
+
+// Linked reports whether n is still the node its name resolves to. A
+// node that is not has been unlinked by a destroy: a caller holding it
+// through a stale path should walk the path again (the fs layer answers
+// ESTALE, and the kernel retries the lookup).
+func (n *Node) Linked() bool {
+	n.reg.mu.Lock()
+	defer n.reg.mu.Unlock()
+	return n.reg.nodes[n.name] == n
 }
 
 // Get returns the node named name with a reference held for the caller,

@@ -949,3 +949,45 @@ func TestShutdownTakesOverAbandonedDestroy(t *testing.T) {
 	n.Rel()
 	e.finish(t)
 }
+
+// TestUnlinkHookAndLinked: the unlink hook hears each destroyed name once,
+// when the name goes (before the destroy returns), and not a name reused
+// by a newer node; Linked turns false at the same moment.
+func TestUnlinkHookAndLinked(t *testing.T) {
+	e := newEnv(t)
+	var mu sync.Mutex
+	var heard []string
+	e.reg.SetUnlinkHook(func(name string) {
+		mu.Lock()
+		defer mu.Unlock()
+		heard = append(heard, name)
+	})
+	n := e.lookup(t, "tun2")
+	if !n.Linked() {
+		t.Fatalf("Linked() = false for a live node, want true")
+	}
+	if err := n.Destroy(context.Background()); err != nil {
+		t.Fatalf("Destroy: %v", err)
+	}
+	if n.Linked() {
+		t.Fatalf("Linked() = true after Destroy, want false")
+	}
+	again := e.lookup(t, "tun2") // a new node under the same name
+	if n.Linked() || !again.Linked() {
+		t.Fatalf("after re-creating tun2: old Linked() = %v, new Linked() = %v, want false, true", n.Linked(), again.Linked())
+	}
+	n.Rel()
+	again.Rel()
+	mu.Lock()
+	got := append([]string(nil), heard...)
+	mu.Unlock()
+	if len(got) != 1 || got[0] != "tun2" {
+		t.Fatalf("unlink hook heard %q, want [tun2] exactly once", got)
+	}
+	e.finish(t)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(heard) != 2 {
+		t.Fatalf("unlink hook heard %q after Shutdown, want the second tun2 too", heard)
+	}
+}
