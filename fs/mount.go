@@ -35,10 +35,18 @@ type MountOptions struct {
 // an oversize packet arrives whole and is refused with EIO.
 const maxWrite = 128 * 1024
 
+// cacheTimeout is how long the kernel may keep an entry or attributes
+// without asking. Every change cdevfs makes is pushed to the kernel at
+// once (invalidator); the timeout only bounds the damage of one that
+// somehow was not. Names that do not exist are never cached: a lookup of
+// a free unit clones, and an interface made outside must appear at once.
+const cacheTimeout = time.Minute
+
 // Mount is a served cdevfs mount.
 type Mount struct {
-	dir string
-	t   *transport
+	dir   string
+	t     *transport
+	inval *invalidator // nil if the tree is not a *Root
 }
 
 // Dir is the mountpoint.
@@ -62,16 +70,20 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 		return nil, err
 	}
 	t := newServer(dev, root, o)
+	m := &Mount{dir: dir, t: t}
+	if r, ok := root.(*Root); ok {
+		m.inval = newInvalidator(&r.Inode)
+		r.inval.Store(m.inval)
+	}
 	t.start()
 	select {
 	case <-t.inited:
 	case <-time.After(10 * time.Second):
-		m := &Mount{dir: dir, t: t}
 		m.Unmount()
 		m.Close()
 		return nil, fmt.Errorf("mount %s: the kernel sent no INIT", dir)
 	}
-	return &Mount{dir: dir, t: t}, nil
+	return m, nil
 }
 
 // newServer builds the transport serving root's tree on dev: go-fuse's
@@ -85,7 +97,7 @@ func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 		r.metrics = o.Metrics
 	}
 	t.fast = !o.Debug
-	zero := time.Duration(0)
+	zero, cached := time.Duration(0), cacheTimeout
 	mo := fuse.MountOptions{
 		AllowOther:    o.AllowOther,
 		MaxWrite:      maxWrite,
@@ -97,11 +109,10 @@ func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 		Logger:        log.New(slogWriter{o.Log}, "", 0),
 	}
 	raw := fs.NewNodeFS(root, &fs.Options{
-		// Zero timeouts: the kernel asks again on every path walk, so a
-		// destroyed node vanishes and a recreated name is a new inode at
-		// once, whatever happened behind the kernel's back.
-		EntryTimeout:    &zero,
-		AttrTimeout:     &zero,
+		// Entries and attributes are cached, and invalidated when they
+		// change (see cacheTimeout); misses never are.
+		EntryTimeout:    &cached,
+		AttrTimeout:     &cached,
 		NegativeTimeout: &zero,
 		MountOptions:    mo,
 		ServerCallbacks: t,
@@ -121,14 +132,22 @@ func (m *Mount) Unmount() error {
 	if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: not mounted any more
 		return fmt.Errorf("unmount %s: %w", m.dir, err)
 	}
+	m.stopInval() // nothing is cached any more: the destroys that follow need not say
 	return nil
 }
 
 // Close closes /dev/fuse, which aborts the connection, and waits for the
 // request loop to stop. Call it after Unmount, last.
 func (m *Mount) Close() {
+	m.stopInval() // before the fd goes: the invalidator writes to it
 	m.t.dev.Close()
 	m.t.wait()
+}
+
+func (m *Mount) stopInval() {
+	if m.inval != nil {
+		m.inval.stop()
+	}
 }
 
 // checkMountpoint refuses a missing directory or one that is already a

@@ -40,6 +40,10 @@ type Root struct {
 	fhs *fhTable
 	// metrics counts opens, packets and errors; set by New (nil: none).
 	metrics *metrics.Metrics
+	// inval pushes cache invalidations to the kernel; set by New once
+	// mounted (nil before: nothing is cached yet). The registry's unlink
+	// hook reads it from any goroutine.
+	inval atomic.Pointer[invalidator]
 }
 
 var (
@@ -47,6 +51,7 @@ var (
 	_ = (fs.NodeReaddirer)((*Root)(nil))
 	_ = (fs.NodeGetattrer)((*Root)(nil))
 	_ = (fs.NodeOnAdder)((*Root)(nil))
+	_ = (fs.NodeOpendirHandler)((*Root)(nil))
 )
 
 // NewRoot returns the root of a tree serving reg's nodes; clones lists
@@ -60,6 +65,8 @@ func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool
 	// Device nodes get the rules before their name is published (FreeBSD
 	// runs devfs_rules_apply before a new entry is visible).
 	reg.SetAttrPolicy(func(name string, a *devnode.Attr) { applyRules(r.rules.Load(), name, a) })
+	// A destroyed name must not outlive its node in the kernel's cache.
+	reg.SetUnlinkHook(func(name string) { r.inval.Load().entry(name) })
 	return r
 }
 
@@ -72,10 +79,27 @@ func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool
 func (r *Root) SetRules(rs *rules.Ruleset) {
 	r.rules.Store(rs)
 	for _, e := range r.statics {
-		e.store.UpdateAttr(func(a *devnode.Attr) { applyRules(rs, e.name, a) })
+		r.reapply(rs, e.name, e.store)
 	}
 	for _, n := range r.reg.List() {
-		n.UpdateAttr(func(a *devnode.Attr) { applyRules(rs, n.Name(), a) })
+		r.reapply(rs, n.Name(), n)
+	}
+}
+
+// reapply applies rs to one entry and tells the kernel what changed: a
+// name now hidden must stop resolving, new owner or mode must show.
+func (r *Root) reapply(rs *rules.Ruleset, name string, s attrStore) {
+	var was, now devnode.Attr
+	s.UpdateAttr(func(a *devnode.Attr) {
+		was = *a
+		applyRules(rs, name, a)
+		now = *a
+	})
+	switch {
+	case now.Hidden && !was.Hidden:
+		r.inval.Load().entry(name)
+	case now.Mode != was.Mode || now.Uid != was.Uid || now.Gid != was.Gid:
+		r.inval.Load().attrs(name)
 	}
 }
 
@@ -174,36 +198,78 @@ func (r *Root) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 // unprivileged caller sees only what exists. A hidden entry does not
 // exist (ENOENT), as in FreeBSD's devfs_lookup.
 func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	if ch := r.GetChild(name); ch != nil && ch.StableAttr().Ino < 1<<32 {
-		e := ch.Operations().(entryNode).ent()
-		if e.hidden() {
-			return nil, syscall.ENOENT
-		}
-		e.fill(&out.Attr)
-		return ch, 0
+	if ch := r.static(name); ch != nil {
+		return r.staticEntry(ch, out)
 	}
 	n, err := r.reg.Get(name)
 	if err != nil {
-		c := caller(ctx)
-		if !credsOf(ctx).privileged() {
-			if r.cloneable(name) {
-				r.log.Warn("refused clone", "unit", name, "reason", "caller not privileged", "pid", c.Pid, "uid", c.Uid)
-			}
-			return nil, syscall.ENOENT
-		}
-		if r.wouldHide(name) {
-			return nil, syscall.ENOENT
-		}
-		// A racing creator's node comes back from the cloner itself.
-		n, err = r.reg.Lookup(withActor(ctx), name)
-		if err != nil {
-			if e := errno(err); e != syscall.ENOENT {
-				r.log.Warn("refused clone", "unit", name, "error", err, "pid", c.Pid, "uid", c.Uid)
-				return nil, e
-			}
-			return nil, syscall.ENOENT
+		var e syscall.Errno
+		if n, e = r.cloneOnLookup(ctx, name); e != 0 {
+			return nil, e
 		}
 	}
+	return r.devEntry(ctx, n, out)
+}
+
+// lookupListed is Lookup for READDIRPLUS: only what exists. A listing
+// never creates: a unit destroyed between the readdir and this lookup
+// stays gone (Lookup would clone it again for a privileged `ls -l`).
+func (r *Root) lookupListed(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if ch := r.static(name); ch != nil {
+		return r.staticEntry(ch, out)
+	}
+	n, err := r.reg.Get(name)
+	if err != nil {
+		return nil, syscall.ENOENT
+	}
+	return r.devEntry(ctx, n, out)
+}
+
+// static returns the static child called name, if there is one.
+func (r *Root) static(name string) *fs.Inode {
+	if ch := r.GetChild(name); ch != nil && ch.StableAttr().Ino < 1<<32 {
+		return ch
+	}
+	return nil
+}
+
+func (r *Root) staticEntry(ch *fs.Inode, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	e := ch.Operations().(entryNode).ent()
+	if e.hidden() {
+		return nil, syscall.ENOENT
+	}
+	e.fill(&out.Attr)
+	return ch, 0
+}
+
+// cloneOnLookup creates name for a privileged caller, if a cloner makes
+// such names and the rules would not hide it; the node comes back with a
+// reference for the caller.
+func (r *Root) cloneOnLookup(ctx context.Context, name string) (*devnode.Node, syscall.Errno) {
+	c := caller(ctx)
+	if !credsOf(ctx).privileged() {
+		if r.cloneable(name) {
+			r.log.Warn("refused clone", "unit", name, "reason", "caller not privileged", "pid", c.Pid, "uid", c.Uid)
+		}
+		return nil, syscall.ENOENT
+	}
+	if r.wouldHide(name) {
+		return nil, syscall.ENOENT
+	}
+	// A racing creator's node comes back from the cloner itself.
+	n, err := r.reg.Lookup(withActor(ctx), name)
+	if err != nil {
+		if e := errno(err); e != syscall.ENOENT {
+			r.log.Warn("refused clone", "unit", name, "error", err, "pid", c.Pid, "uid", c.Uid)
+			return nil, e
+		}
+		return nil, syscall.ENOENT
+	}
+	return n, 0
+}
+
+// devEntry answers a lookup with device node n, whose reference it drops.
+func (r *Root) devEntry(ctx context.Context, n *devnode.Node, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	defer n.Rel() // the inode keeps a plain pointer; operations take their own reference
 	if n.Attr().Hidden {
 		return nil, syscall.ENOENT
@@ -211,6 +277,70 @@ func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 	d := &devNode{entry: entry{root: r, name: n.Name(), typ: syscall.S_IFREG, store: n}, node: n}
 	d.fill(&out.Attr)
 	return r.NewInode(ctx, d, fs.StableAttr{Mode: syscall.S_IFREG, Ino: n.Ino()}), 0
+}
+
+// OpendirHandle implements fs.NodeOpendirHandler: the root's listing, with
+// READDIRPLUS lookups that never clone.
+func (r *Root) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	return &rootDir{root: r}, 0, 0
+}
+
+// rootDir is an open root directory. go-fuse serializes the calls on one
+// handle, so it needs no lock of its own.
+type rootDir struct {
+	root *Root
+	ds   fs.DirStream // made by the first read or a rewind
+}
+
+var (
+	_ = (fs.FileReaddirenter)((*rootDir)(nil))
+	_ = (fs.FileSeekdirer)((*rootDir)(nil))
+	_ = (fs.FileReleasedirer)((*rootDir)(nil))
+	_ = (fs.FileLookuper)((*rootDir)(nil))
+)
+
+// Readdirent implements fs.FileReaddirenter.
+func (d *rootDir) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
+	if d.ds == nil {
+		ds, e := d.root.Readdir(ctx)
+		if e != 0 {
+			return nil, e
+		}
+		d.ds = ds
+	}
+	if !d.ds.HasNext() {
+		return nil, 0
+	}
+	de, e := d.ds.Next()
+	return &de, e
+}
+
+// Seekdir implements fs.FileSeekdirer: a rewind (offset 0) lists afresh,
+// as rewinddir(3) must show entries made since the opendir.
+func (d *rootDir) Seekdir(ctx context.Context, off uint64) syscall.Errno {
+	if off == 0 || d.ds == nil {
+		ds, e := d.root.Readdir(ctx)
+		if e != 0 {
+			return e
+		}
+		d.ds = ds
+	}
+	if sd, ok := d.ds.(fs.FileSeekdirer); ok {
+		return sd.Seekdir(ctx, off)
+	}
+	return syscall.ENOTSUP
+}
+
+// Releasedir implements fs.FileReleasedirer.
+func (d *rootDir) Releasedir(ctx context.Context, flags uint32) {
+	if d.ds != nil {
+		d.ds.Close()
+	}
+}
+
+// Lookup implements fs.FileLookuper: READDIRPLUS's lookup of a listed name.
+func (d *rootDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	return d.root.lookupListed(ctx, name, out)
 }
 
 func setTimes(a *fuse.Attr, t time.Time) {
@@ -245,16 +375,39 @@ func (d *devNode) fill(a *fuse.Attr) {
 	a.Ino = d.node.Ino()
 }
 
+// stale reports whether d's device is no longer what its name resolves
+// to: a destroy unlinked it, and the kernel reached it through a cached
+// entry whose invalidation is still on its way (invalidator). ESTALE
+// makes the kernel walk the path again, revalidating (LOOKUP_REVAL), and
+// act on what the name is now: a new unit for a privileged opener,
+// ENOENT for anyone else. Only path operations answer it; a handle's
+// operations keep their ENXIO.
+func (d *devNode) stale() bool { return !d.node.Linked() }
+
 // Getattr implements fs.NodeGetattrer.
 func (d *devNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	if f == nil && d.stale() {
+		return syscall.ESTALE
+	}
 	d.fill(&out.Attr)
 	return 0
 }
 
+// Access implements fs.NodeAccesser.
+func (d *devNode) Access(ctx context.Context, mask uint32) syscall.Errno {
+	if d.stale() {
+		return syscall.ESTALE
+	}
+	return d.entry.Access(ctx, mask)
+}
+
 // Open implements fs.NodeOpener: an exclusive open of the device (like
 // tunopen()); EACCES if the mode does not let the caller in, EBUSY if it
-// is open, ENXIO if it is being destroyed.
+// is open, ENXIO if it is being destroyed, ESTALE once it is gone.
 func (d *devNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if d.stale() {
+		return nil, 0, syscall.ESTALE
+	}
 	if e := d.checkOpen(ctx, flags); e != 0 {
 		return nil, 0, e
 	}

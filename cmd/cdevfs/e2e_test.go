@@ -397,3 +397,30 @@ func TestNoExtendedAttributes(t *testing.T) {
 		}
 	}
 }
+
+// TestCachedEntryFollowsDestroy: the kernel caches entries and attributes
+// (so that `ls -l` and path walks cost no round trip), and a destroy drops
+// them at once, not when the cache times out: after `ip link del` the name
+// resolves afresh, to a new unit for root and to nothing for nobody.
+func TestCachedEntryFollowsDestroy(t *testing.T) {
+	d := startDaemon(t, "--allow-other")
+	letOthersIn(t, d)
+	tun3 := d.path("tun3")
+	old := statOf(t, tun3)
+	if again := statOf(t, tun3); again.Ino != old.Ino {
+		t.Fatalf("second stat of tun3: ino %d, want %d (the same node)", again.Ino, old.Ino)
+	}
+	if out, err := as(nobody, nobody, nil, "test -e "+tun3); err != nil {
+		t.Fatalf("nobody: test -e tun3 before the destroy: %v %s", err, out)
+	}
+	d.mustIP("link", "del", "tun3")
+	deleted := time.Now()
+	waitFor(t, "nobody's test -e tun3 to fail", func() bool {
+		_, err := as(nobody, nobody, nil, "test -e "+tun3)
+		return err != nil
+	})
+	t.Logf("nobody's tun3 gone %v after ip link del", time.Since(deleted))
+	if st := statOf(t, tun3); st.Ino == old.Ino {
+		t.Errorf("root's stat of tun3 after the destroy: ino %d, the destroyed node's; want a new unit", st.Ino)
+	}
+}

@@ -1,0 +1,255 @@
+package fs
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"log/slog"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cdevfs/cdevfs/cloner"
+	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/rules"
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// notification is a FUSE notification the daemon wrote: its code and body.
+type notification struct {
+	code int32
+	body []byte
+}
+
+// cacheTree is a tree on the fake kernel, served by a transport whose
+// /dev/fuse is a pipe: requests are handled in-process, and what the
+// daemon writes (replies and notifications) is read back.
+type cacheTree struct {
+	reg   *devnode.Registry
+	fake  *cloner.Fake
+	root  *Root
+	t     *transport
+	inval *invalidator
+	r     reqs
+	out   []byte
+	notes chan notification
+}
+
+func newCacheTree(t *testing.T) *cacheTree {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	c := &cacheTree{reg: devnode.NewRegistry(), fake: cloner.NewFake(), notes: make(chan notification, 16)}
+	cloner.New(cloner.Tun, c.fake, c.reg, 0, quiet)
+	c.root = NewRoot(c.reg, []string{"tun"}, func(string) bool { return true }, quiet)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.t = newServer(pw, c.root, MountOptions{Log: quiet})
+	c.inval = newInvalidator(&c.root.Inode)
+	c.root.inval.Store(c.inval)
+	done := make(chan struct{})
+	go func() { // split the stream into messages; keep the notifications
+		defer close(done)
+		for {
+			var h [16]byte
+			if _, err := io.ReadFull(pr, h[:]); err != nil {
+				return
+			}
+			body := make([]byte, binary.NativeEndian.Uint32(h[0:])-16)
+			if _, err := io.ReadFull(pr, body); err != nil {
+				return
+			}
+			if binary.NativeEndian.Uint64(h[8:]) == 0 { // unique 0: a notification
+				c.notes <- notification{int32(binary.NativeEndian.Uint32(h[4:])), body}
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		c.inval.stop()
+		c.reg.Shutdown(context.Background(), nil)
+		pw.Close()
+		<-done
+		pr.Close()
+	})
+	c.out = make([]byte, c.t.bufSize)
+	c.t.handle(c.r.init(), c.out)
+	return c
+}
+
+// lookup sends LOOKUP name (from this process, as root) and returns the
+// nodeid.
+func (c *cacheTree) lookup(t *testing.T, name string) uint64 {
+	t.Helper()
+	c.t.handle(c.r.lookup(name), c.out)
+	if e := int32(binary.NativeEndian.Uint32(c.out[4:])); e != 0 {
+		t.Fatalf("LOOKUP %s: errno %d", name, -e)
+	}
+	return binary.NativeEndian.Uint64(c.out[16:])
+}
+
+func (c *cacheTree) next(t *testing.T, what string) notification {
+	t.Helper()
+	select {
+	case n := <-c.notes:
+		return n
+	case <-time.After(2 * time.Second):
+		t.Fatalf("no notification within 2s, want %s", what)
+		return notification{}
+	}
+}
+
+// wantEntry checks for FUSE_NOTIFY_INVAL_ENTRY of name in the root.
+func (c *cacheTree) wantEntry(t *testing.T, name string) {
+	t.Helper()
+	n := c.next(t, "INVAL_ENTRY "+name)
+	ne := binary.NativeEndian
+	if n.code != notifyInvalEntry || ne.Uint64(n.body[0:]) != 1 || string(n.body[16:16+ne.Uint32(n.body[8:])]) != name {
+		t.Fatalf("notification code %d body %q, want INVAL_ENTRY (%d) of %s in nodeid 1", n.code, n.body, notifyInvalEntry, name)
+	}
+}
+
+// wantInode checks for FUSE_NOTIFY_INVAL_INODE of nodeid, attributes only.
+func (c *cacheTree) wantInode(t *testing.T, nodeid uint64, name string) {
+	t.Helper()
+	n := c.next(t, "INVAL_INODE of "+name)
+	ne := binary.NativeEndian
+	if n.code != notifyInvalInode || ne.Uint64(n.body[0:]) != nodeid || int64(ne.Uint64(n.body[8:])) >= 0 {
+		t.Fatalf("notification code %d body %x, want INVAL_INODE (%d) of nodeid %d (%s) with offset < 0", n.code, n.body, notifyInvalInode, nodeid, name)
+	}
+}
+
+func (c *cacheTree) wantNone(t *testing.T, after string) {
+	t.Helper()
+	select {
+	case n := <-c.notes:
+		t.Fatalf("notification code %d body %q after %s, want none", n.code, n.body, after)
+	case <-time.After(50 * time.Millisecond):
+	}
+}
+
+func ruleset(t *testing.T, src string) *rules.Ruleset {
+	t.Helper()
+	f, err := rules.Parse("test.rules", "[test=10]\n"+src, rules.SystemResolver{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := f.Ruleset("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rs
+}
+
+// TestInvalidationsFollowChanges: what the kernel may cache is invalidated
+// when cdevfs changes it behind the kernel's back, and only then: a
+// destroyed name, a name the rules now hide, attributes the rules changed.
+func TestInvalidationsFollowChanges(t *testing.T) {
+	c := newCacheTree(t)
+	c.lookup(t, "tun0")
+	n, err := c.reg.Get("tun0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Destroy(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	n.Rel()
+	c.wantEntry(t, "tun0")
+
+	tun1 := c.lookup(t, "tun1")
+	null := c.lookup(t, "null")
+	c.root.SetRules(ruleset(t, "add path tun1 mode 0640\nadd path null mode 0600\n"))
+	got := map[uint64]bool{}
+	for range 2 {
+		n := c.next(t, "INVAL_INODE of tun1 and null")
+		if n.code != notifyInvalInode || int64(binary.NativeEndian.Uint64(n.body[8:])) >= 0 {
+			t.Fatalf("notification code %d body %x, want INVAL_INODE, attributes only", n.code, n.body)
+		}
+		got[binary.NativeEndian.Uint64(n.body[0:])] = true
+	}
+	if !got[tun1] || !got[null] {
+		t.Fatalf("attributes invalidated for nodeids %v, want tun1 (%d) and null (%d)", got, tun1, null)
+	}
+	c.root.SetRules(ruleset(t, "add path tun1 mode 0640\nadd path null mode 0600\n"))
+	c.wantNone(t, "applying the same rules again")
+	c.root.SetRules(ruleset(t, "add path tun1 hide\n"))
+	c.wantEntry(t, "tun1")
+
+	c.inval.stop() // unmounted: nothing is cached, nothing is said
+	n, err = c.reg.Lookup(context.Background(), "tun2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Destroy(context.Background())
+	n.Rel()
+	c.wantNone(t, "a destroy once stopped")
+}
+
+// TestListingNeverClones: READDIRPLUS's lookup of a listed name that was
+// destroyed since the listing answers ENOENT and creates nothing, where a
+// privileged path lookup would clone the free unit.
+func TestListingNeverClones(t *testing.T) {
+	c := newCacheTree(t)
+	c.lookup(t, "tun4")
+	d := &rootDir{root: c.root}
+	ctx := &fuse.Context{Caller: fuse.Caller{Pid: uint32(os.Getpid())}}
+	var names []string
+	for {
+		de, e := d.Readdirent(ctx)
+		if e != 0 {
+			t.Fatalf("Readdirent: errno %d", e)
+		}
+		if de == nil {
+			break
+		}
+		names = append(names, de.Name)
+	}
+	n, err := c.reg.Get("tun4")
+	if err != nil {
+		t.Fatalf("tun4 is not in the registry after its lookup (listing %q)", names)
+	}
+	n.Destroy(context.Background())
+	n.Rel()
+	var out fuse.EntryOut
+	if _, e := d.Lookup(ctx, "tun4", &out); e != syscall.ENOENT {
+		t.Errorf("READDIRPLUS lookup of destroyed tun4 = errno %d, want ENOENT", e)
+	}
+	if c.fake.Exists("tun4") {
+		t.Errorf("READDIRPLUS lookup of destroyed tun4 created the interface again")
+	}
+	if _, e := d.Lookup(ctx, "null", &out); e != 0 || out.Mode&syscall.S_IFMT != syscall.S_IFREG {
+		t.Errorf("READDIRPLUS lookup of null = errno %d mode %o, want a regular file", e, out.Mode)
+	}
+}
+
+// TestUnlinkedDeviceIsStale: a path operation that reaches a destroyed
+// node through an entry the kernel still caches gets ESTALE (the kernel
+// then walks the path again); an open handle's fstat still works.
+func TestUnlinkedDeviceIsStale(t *testing.T) {
+	c := newCacheTree(t)
+	n, err := c.reg.Lookup(context.Background(), "tun5")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &devNode{entry: entry{root: c.root, name: "tun5", typ: syscall.S_IFREG, store: n}, node: n}
+	ctx := &fuse.Context{Caller: fuse.Caller{Pid: uint32(os.Getpid())}}
+	var out fuse.AttrOut
+	if e := d.Getattr(ctx, nil, &out); e != 0 {
+		t.Fatalf("Getattr of live tun5 = errno %d, want 0", e)
+	}
+	n.Destroy(context.Background())
+	defer n.Rel()
+	if _, _, e := d.Open(ctx, uint32(os.O_RDWR)); e != syscall.ESTALE {
+		t.Errorf("Open of destroyed tun5 = errno %d, want ESTALE", e)
+	}
+	if e := d.Getattr(ctx, nil, &out); e != syscall.ESTALE {
+		t.Errorf("Getattr by path of destroyed tun5 = errno %d, want ESTALE", e)
+	}
+	if e := d.Access(ctx, 4); e != syscall.ESTALE {
+		t.Errorf("Access of destroyed tun5 = errno %d, want ESTALE", e)
+	}
+	if e := d.Getattr(ctx, struct{}{}, &out); e != 0 {
+		t.Errorf("Getattr by handle of destroyed tun5 = errno %d, want 0 (fstat of an open file)", e)
+	}
+}
