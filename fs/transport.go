@@ -350,12 +350,30 @@ const (
 	notifyDelete     = 6
 )
 
+// notify writes an invalidation. Not through t.write: os.File serializes
+// writes on one fd (poll.FD's write lock), and the kernel handles
+// INVAL_ENTRY under the directory's inode lock, which a LOOKUP in that
+// directory holds until it is answered. Holding the write lock while
+// the kernel waits for that lock would keep the LOOKUP's reply, and
+// every other reply, from being written: a deadlock. So the message is
+// written with a plain write(2) on the fd, which Control keeps open.
 func (t *transport) notify(code int32, body []byte) fuse.Status {
 	msg := make([]byte, 16+len(body))
 	binary.NativeEndian.PutUint32(msg[0:], uint32(len(msg)))
 	binary.NativeEndian.PutUint32(msg[4:], uint32(code)) // error field carries the code; unique is 0
 	copy(msg[16:], body)
-	return fuse.Status(t.write(msg))
+	rc, err := t.dev.SyscallConn()
+	if err != nil {
+		return fuse.Status(writeErrno(err))
+	}
+	var werr error
+	if err := rc.Control(func(fd uintptr) { _, werr = unix.Write(int(fd), msg) }); err != nil {
+		return fuse.Status(syscall.EBADF) // closed
+	}
+	if werr != nil {
+		return fuse.Status(writeErrno(werr))
+	}
+	return fuse.OK
 }
 
 func nameBody(head []byte, name string) []byte {

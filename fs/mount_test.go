@@ -1,0 +1,140 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cdevfs/cdevfs/cloner"
+	"github.com/cdevfs/cdevfs/devnode"
+	"golang.org/x/sys/unix"
+)
+
+// requireFuse skips a test that needs a real FUSE mount where it cannot
+// run, but fails it in CI, where it must.
+func requireFuse(t *testing.T) {
+	t.Helper()
+	var why error
+	if os.Geteuid() != 0 {
+		why = errors.New("not root")
+	} else if _, err := os.Stat("/dev/fuse"); err != nil {
+		why = err
+	}
+	if why == nil {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("FUSE test cannot run in CI: %v", why)
+	}
+	t.Skipf("FUSE test cannot run here: %v", why)
+}
+
+// TestInvalidationDuringLookupDoesNotDeadlock: the kernel handles an
+// INVAL_ENTRY under the directory's lock, which a LOOKUP in flight holds
+// until it is answered. Here a LOOKUP of tun7 is held in the daemon (its
+// clone is blocked) while a destroy queues the invalidation of another
+// name; once the clone goes on, the LOOKUP must be answered: the blocked
+// invalidation must not keep replies from being written.
+func TestInvalidationDuringLookupDoesNotDeadlock(t *testing.T) {
+	requireFuse(t)
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	reg := devnode.NewRegistry()
+	fake := cloner.NewFake()
+	entered, release := make(chan struct{}), make(chan struct{})
+	fake.FailCreate = func(name string) error {
+		if name == "tun7" {
+			close(entered)
+			<-release
+		}
+		return nil
+	}
+	cloner.New(cloner.Tun, fake, reg, 0, quiet)
+	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, quiet)
+	dir := t.TempDir()
+	m, err := New(dir, root, MountOptions{Log: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := m.Unmount(); err != nil {
+			t.Error(err)
+		}
+		reg.Shutdown(context.Background(), nil)
+		m.Close()
+	}()
+	// dev0 is made without a cloner, so destroying it needs no cloner lock.
+	dev0, err := reg.Make("dev0", &loopDev{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "dev0")); err != nil {
+		t.Fatal(err)
+	}
+
+	// The LOOKUP runs in a child, so that it can be killed (which ends
+	// the request and frees the directory) if the daemon is stuck.
+	stat := exec.Command("stat", filepath.Join(dir, "tun7"))
+	if err := stat.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- stat.Wait() }()
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		stat.Process.Kill()
+		<-exited
+		t.Fatal("the LOOKUP of tun7 never reached the cloner")
+	}
+	if err := dev0.Destroy(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	dev0.Rel()
+	time.Sleep(100 * time.Millisecond) // the invalidation of dev0 now waits in the kernel for the directory
+	close(release)
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("stat tun7: %v, want success", err)
+		}
+	case <-time.After(5 * time.Second):
+		// The LOOKUP was read by the daemon, so no signal ends it: only
+		// aborting the connection frees the kernel and this process.
+		abortFuse(t, st.Dev)
+		<-exited
+		t.Fatal("deadlock: the LOOKUP of tun7 was not answered within 5s of its clone going on")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "dev0")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stat dev0 after its destroy: %v, want ENOENT", err)
+	}
+}
+
+// abortFuse aborts the FUSE connection of the mount whose device is dev,
+// through the fusectl filesystem (mounted here if it is not): the way out
+// of a deadlocked mount that no signal can end.
+func abortFuse(t *testing.T, dev uint64) {
+	ctl := "/sys/fs/fuse/connections"
+	if entries, err := os.ReadDir(ctl); err != nil || len(entries) == 0 { // fusectl is not mounted there
+		ctl = t.TempDir()
+		if err := unix.Mount("fusectl", ctl, "fusectl", 0, ""); err != nil {
+			t.Logf("mount fusectl: %v; cannot abort the connection", err)
+			return
+		}
+		defer unix.Unmount(ctl, unix.MNT_DETACH)
+	}
+	abort := filepath.Join(ctl, fmt.Sprint(unix.Minor(dev)), "abort")
+	if err := os.WriteFile(abort, []byte("1"), 0); err != nil {
+		t.Logf("abort the FUSE connection: %v", err)
+	}
+}
