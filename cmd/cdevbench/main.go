@@ -11,6 +11,13 @@
 // real product: the cdevfs binary (built from this module unless -cdevfs
 // names one) serving a mount in a temporary directory, as a separate
 // process, whose RSS is what the scale rows report.
+//
+// The packet rows have two more columns, floors for the relay: min-relay,
+// a minimal hand-written FUSE relay over the classic /dev/fuse transport
+// (relay.go), and min-uring, the same over FUSE-over-io_uring (uring.go),
+// which is "n/a" unless the fuse module's enable_uring parameter is Y
+// (the benchmark reads it and never changes it). -relay=false and
+// -uring=false leave them out.
 package main
 
 import (
@@ -44,6 +51,7 @@ type config struct {
 	openClose int
 	scale     []int
 	relay     bool
+	uring     bool
 }
 
 const nsEnv = "CDEVBENCH_NETNS"
@@ -58,6 +66,7 @@ func main() {
 	flag.IntVar(&c.openClose, "openclose", 2000, "open/close cycles of an existing node per side")
 	flag.StringVar(&scale, "scale", "1000,10000", "comma-separated interface counts for the scale rows")
 	flag.BoolVar(&c.relay, "relay", true, "also measure a minimal hand-written FUSE relay (the /dev/fuse floor)")
+	flag.BoolVar(&c.uring, "uring", true, "also measure a minimal FUSE-over-io_uring relay (needs the fuse module's enable_uring=Y; n/a otherwise)")
 	flag.Parse()
 	for _, f := range strings.Split(scale, ",") {
 		if f = strings.TrimSpace(f); f == "" {
@@ -72,6 +81,9 @@ func main() {
 	slices.Sort(c.scale)
 	if len(os.Args) > 1 && os.Args[1] == "relay-serve" {
 		os.Exit(relayServe(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == "uring-serve" {
+		os.Exit(uringServe(os.Args[2:]))
 	}
 	if os.Geteuid() != 0 {
 		fatalf("must run as root (creating interfaces and mounting need it)")
@@ -281,12 +293,35 @@ func run(c *config) (err error) {
 			err = fmt.Errorf("%w\ncdevfs log:\n%s", err, d.log())
 		}
 	}()
-	var relay *relayProc
+	// The extra columns: the minimal relays, over /dev/fuse and over
+	// io_uring. min-uring is "n/a" (a column of its own, with the reason
+	// in the header) where the kernel would not carry FUSE over io_uring:
+	// the benchmark does not change the fuse module's setting itself.
+	var relays []*relayProc
+	var cols []string
+	var notes []string
+	uringOK := false
 	if c.relay {
-		if relay, err = startRelay(); err != nil {
+		rp, err := startRelay(false)
+		if err != nil {
 			return err
 		}
-		defer relay.stop()
+		defer rp.stop()
+		relays, cols = append(relays, rp), append(cols, rp.name)
+	}
+	if c.uring {
+		cols = append(cols, "min-uring")
+		var why string
+		if uringOK, why = uringAvailable(); uringOK {
+			rp, err := startRelay(true)
+			if err != nil {
+				return err
+			}
+			defer rp.stop()
+			relays = append(relays, rp)
+		} else {
+			notes = append(notes, "min-uring: n/a, "+why)
+		}
 	}
 	r := &results{}
 	rss0, err := rssKiB(d.cmd.Process.Pid)
@@ -407,8 +442,8 @@ func run(c *config) (err error) {
 		return err
 	}
 	links := []*link{native, cdev}
-	if relay != nil {
-		rl, err := relay.link()
+	for _, rp := range relays {
+		rl, err := rp.link()
 		if err != nil {
 			return err
 		}
@@ -435,17 +470,26 @@ func run(c *config) (err error) {
 	for i := range rtts {
 		slices.Sort(rtts[i])
 	}
-	col := func(i int, f func(int) float64) float64 {
-		if i < len(links) {
-			return f(i)
+	// extra gives the extra columns' values of a packet row: f of the
+	// relay links in column order, naN for a column not measured here.
+	extra := func(f func(int) float64) []float64 {
+		var v []float64
+		i := 2
+		for _, name := range cols {
+			if name == "min-uring" && !uringOK {
+				v = append(v, naN)
+				continue
+			}
+			v = append(v, f(i))
+			i++
 		}
-		return -1
+		return v
 	}
 	p50 := func(i int) float64 { return percentileUS(rtts[i], 0.50) }
 	p99 := func(i int) float64 { return percentileUS(rtts[i], 0.99) }
-	r.add(row{name: fmt.Sprintf("ping-pong p50, %d round trips (µs)", len(rtts[0])), native: p50(0), cdevfs: p50(1), relay: col(2, p50), lower: true,
+	r.add(row{name: fmt.Sprintf("ping-pong p50, %d round trips (µs)", len(rtts[0])), native: p50(0), cdevfs: p50(1), extra: extra(p50), lower: true,
 		target: "≤ native+15", ok: func(n, f float64) bool { return f <= n+15 }})
-	r.add(row{name: fmt.Sprintf("ping-pong p99, %d round trips (µs)", len(rtts[0])), native: p99(0), cdevfs: p99(1), relay: col(2, p99), lower: true})
+	r.add(row{name: fmt.Sprintf("ping-pong p99, %d round trips (µs)", len(rtts[0])), native: p99(0), cdevfs: p99(1), extra: extra(p99), lower: true})
 
 	// Pipelined throughput: each size and depth, two halves per side.
 	for _, size := range []int{64, 1400} {
@@ -460,7 +504,7 @@ func run(c *config) (err error) {
 					pps[i] += p / 2
 				}
 			}
-			rw := row{name: fmt.Sprintf("pipelined %dB, %d outstanding (pps)", size, depth), native: pps[0], cdevfs: pps[1], relay: col(2, func(i int) float64 { return pps[i] })}
+			rw := row{name: fmt.Sprintf("pipelined %dB, %d outstanding (pps)", size, depth), native: pps[0], cdevfs: pps[1], extra: extra(func(i int) float64 { return pps[i] })}
 			if size == 64 && depth == 64 {
 				rw.target, rw.ok = "≥ 0.25×", func(n, f float64) bool { return f >= 0.25*n }
 			}
@@ -507,8 +551,8 @@ func run(c *config) (err error) {
 			return err
 		}
 	}
-	printHeader(os.Stdout, c)
-	r.print(os.Stdout, relay != nil)
+	printHeader(os.Stdout, c, notes)
+	r.print(os.Stdout, cols)
 	_ = nativeFds
 	return nil
 }
@@ -601,7 +645,7 @@ func newPacketsFor(peer, local netip.Addr, size int) *packets {
 	return newPackets(&link{peer: peer, local: local}, size)
 }
 
-func printHeader(w io.Writer, c *config) {
+func printHeader(w io.Writer, c *config, notes []string) {
 	model := "unknown CPU"
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, l := range strings.Split(string(b), "\n") {
@@ -615,32 +659,38 @@ func printHeader(w io.Writer, c *config) {
 	_ = unix.Uname(&u)
 	fmt.Fprintf(w, "cdevbench: nproc %d, %s, kernel %s, %s; rounds %d, duration %v per pipelined row, clones %d, open/close %d\n",
 		runtime.NumCPU(), model, unix.ByteSliceToString(u.Release[:]), runtime.Version(), c.rounds, c.duration, c.clones, c.openClose)
+	for _, n := range notes {
+		fmt.Fprintln(w, n)
+	}
 }
 
-// row is one line of the table. native or relay < 0 means "no such
-// measurement". lower says smaller is better (the ratio is still
+// row is one line of the table. native < 0, or an extra column's value
+// missing or < 0, means "no such measurement"; naN means the measurement
+// cannot be made here ("n/a"). extra holds the extra columns (the minimal
+// relays) in order. lower says smaller is better (the ratio is still
 // cdevfs/native).
 type row struct {
-	name                  string
-	unit                  string
-	native, cdevfs, relay float64
-	lower                 bool
-	target                any // a string, or a bool saying whether the target applies
-	targetText            string
-	ok                    func(native, cdevfs float64) bool
+	name           string
+	unit           string
+	native, cdevfs float64
+	extra          []float64
+	lower          bool
+	target         any // a string, or a bool saying whether the target applies
+	targetText     string
+	ok             func(native, cdevfs float64) bool
 }
 
 type results struct{ rows []row }
 
-func (r *results) add(rw row) {
-	if rw.relay == 0 {
-		rw.relay = -1
-	}
-	r.rows = append(r.rows, rw)
-}
+func (r *results) add(rw row) { r.rows = append(r.rows, rw) }
+
+// naN marks a value that cannot be measured here.
+const naN = -2
 
 func num(v float64) string {
 	switch {
+	case v == naN:
+		return "n/a"
 	case v < 0:
 		return "-"
 	case v >= 1000:
@@ -651,15 +701,15 @@ func num(v float64) string {
 	return strconv.FormatFloat(v, 'f', 2, 64)
 }
 
-func (r *results) print(w io.Writer, relay bool) {
+func (r *results) print(w io.Writer, cols []string) {
 	width := 0
 	for _, rw := range r.rows {
 		width = max(width, len([]rune(rw.name)))
 	}
 	pad := func(s string) string { return s + strings.Repeat(" ", width-len([]rune(s))) }
 	head := fmt.Sprintf("%s  %12s  %12s  %7s", pad("metric"), "native", "cdevfs", "ratio")
-	if relay {
-		head += fmt.Sprintf("  %12s", "min-relay")
+	for _, c := range cols {
+		head += fmt.Sprintf("  %12s", c)
 	}
 	fmt.Fprintln(w, head+"  target")
 	for _, rw := range r.rows {
@@ -668,8 +718,12 @@ func (r *results) print(w io.Writer, relay bool) {
 			ratio = strconv.FormatFloat(rw.cdevfs/rw.native, 'f', 2, 64)
 		}
 		line := fmt.Sprintf("%s  %12s  %12s  %7s", pad(rw.name), num(rw.native), num(rw.cdevfs), ratio)
-		if relay {
-			line += fmt.Sprintf("  %12s", num(rw.relay))
+		for i := range cols {
+			v := -1.0
+			if i < len(rw.extra) {
+				v = rw.extra[i]
+			}
+			line += fmt.Sprintf("  %12s", num(v))
 		}
 		tt := rw.targetText
 		applies := false

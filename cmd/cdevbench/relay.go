@@ -45,12 +45,17 @@ const (
 )
 
 type relayProc struct {
-	cmd *exec.Cmd
-	dir string
+	cmd         *exec.Cmd
+	dir         string
+	name        string // the column: min-relay, min-uring
+	ifname      string
+	local, peer netip.Addr
 }
 
-// startRelay runs `cdevbench relay-serve DIR` and waits for it to serve.
-func startRelay() (*relayProc, error) {
+// startRelay runs `cdevbench relay-serve DIR` (the classic /dev/fuse
+// relay) or, with uring, `cdevbench uring-serve DIR`, and waits for it to
+// serve.
+func startRelay(uring bool) (*relayProc, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -59,33 +64,41 @@ func startRelay() (*relayProc, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &relayProc{dir: dir, cmd: exec.Command(self, "relay-serve", dir)}
+	r := &relayProc{dir: dir, name: "min-relay", ifname: relayIf,
+		local: netip.MustParseAddr("198.18.3.1"), peer: netip.MustParseAddr("198.18.3.2")}
+	sub := "relay-serve"
+	if uring {
+		r.name, r.ifname, sub = "min-uring", uringIf, "uring-serve"
+		r.local, r.peer = netip.MustParseAddr("198.18.4.1"), netip.MustParseAddr("198.18.4.2")
+	}
+	r.cmd = exec.Command(self, sub, dir)
 	r.cmd.Stderr = os.Stderr
 	out, err := r.cmd.StdoutPipe()
 	if err != nil {
+		os.Remove(dir)
 		return nil, err
 	}
 	if err := r.cmd.Start(); err != nil {
+		os.Remove(dir)
 		return nil, err
 	}
 	line, _ := bufio.NewReader(out).ReadString('\n')
 	if strings.TrimSpace(line) != "ready" {
-		r.cmd.Process.Kill()
-		r.cmd.Wait()
-		return nil, fmt.Errorf("relay did not start: %q", line)
+		r.stop()
+		return nil, fmt.Errorf("%s did not start: %q", r.name, line)
 	}
 	return r, nil
 }
 
 // link opens the relay's file and configures its interface.
 func (r *relayProc) link() (*link, error) {
-	l := &link{name: "min-relay", local: netip.MustParseAddr("198.18.3.1"), peer: netip.MustParseAddr("198.18.3.2")}
-	if err := configure(relayIf, l.local); err != nil {
+	l := &link{name: r.name, local: r.local, peer: r.peer}
+	if err := configure(r.ifname, l.local); err != nil {
 		return nil, err
 	}
 	fd, err := unix.Open(filepath.Join(r.dir, "t"), unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("open relay: %w", err)
+		return nil, fmt.Errorf("open %s: %w", r.name, err)
 	}
 	l.fd = fd
 	return l, nil
@@ -98,6 +111,48 @@ func (r *relayProc) stop() {
 	os.Remove(r.dir)
 }
 
+// relayMount creates the tun interface ifname (its fd nonblocking), opens
+// /dev/fuse and mounts it on dir.
+func relayMount(ifname, dir string) (tfd, ffd int, err error) {
+	tfd, err = unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, -1, err
+	}
+	ifr, _ := unix.NewIfreq(ifname)
+	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI)
+	if err := unix.IoctlIfreq(tfd, unix.TUNSETIFF, ifr); err != nil {
+		return -1, -1, fmt.Errorf("TUNSETIFF: %w", err)
+	}
+	ffd, err = unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, -1, err
+	}
+	data := fmt.Sprintf("fd=%d,rootmode=40000,user_id=0,group_id=0,max_read=131072", ffd)
+	if err := unix.Mount("relay", dir, "fuse.relay", unix.MS_NOSUID|unix.MS_NODEV, data); err != nil {
+		return -1, -1, fmt.Errorf("mount: %w", err)
+	}
+	return tfd, ffd, nil
+}
+
+// relayInitReply fills out with the reply to the INIT request in in:
+// protocol minor at most maxMinor, the given flags and flags2. It returns
+// the body's length.
+func relayInitReply(out, in []byte, maxMinor, flags, flags2 uint32) int {
+	ne := binary.NativeEndian
+	clear(out[16:80])
+	ne.PutUint32(out[16:], 7)                                 // major
+	ne.PutUint32(out[20:], min(ne.Uint32(in[44:]), maxMinor)) // minor
+	ne.PutUint32(out[24:], 0)                                 // max_readahead
+	ne.PutUint32(out[28:], flags)                             // flags
+	ne.PutUint16(out[32:], 16)                                // max_background
+	ne.PutUint16(out[34:], 12)                                // congestion_threshold
+	ne.PutUint32(out[36:], 128*1024)                          // max_write
+	ne.PutUint32(out[40:], 1)                                 // time_gran
+	ne.PutUint16(out[44:], 32)                                // max_pages
+	ne.PutUint32(out[48:], flags2)                            // flags2
+	return 64
+}
+
 // relayServe is the relay process: it creates relay0, mounts dir, says
 // "ready" and serves until killed.
 func relayServe(args []string) int {
@@ -105,25 +160,9 @@ func relayServe(args []string) int {
 		fmt.Fprintln(os.Stderr, "usage: cdevbench relay-serve DIR")
 		return 2
 	}
-	tfd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	tfd, ffd, err := relayMount(relayIf, args[0])
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "relay:", err)
-		return 1
-	}
-	ifr, _ := unix.NewIfreq(relayIf)
-	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI)
-	if err := unix.IoctlIfreq(tfd, unix.TUNSETIFF, ifr); err != nil {
-		fmt.Fprintln(os.Stderr, "relay: TUNSETIFF:", err)
-		return 1
-	}
-	ffd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "relay:", err)
-		return 1
-	}
-	data := fmt.Sprintf("fd=%d,rootmode=40000,user_id=0,group_id=0,max_read=131072", ffd)
-	if err := unix.Mount("relay", args[0], "fuse.relay", unix.MS_NOSUID|unix.MS_NODEV, data); err != nil {
-		fmt.Fprintln(os.Stderr, "relay: mount:", err)
 		return 1
 	}
 	for range relayThreads {
@@ -164,17 +203,7 @@ func relayLoop(ffd, tfd int) {
 		}
 		switch op {
 		case fuseOpInit:
-			clear(out[16:80])
-			ne.PutUint32(out[16:], 7)                           // major
-			ne.PutUint32(out[20:], min(ne.Uint32(in[44:]), 31)) // minor
-			ne.PutUint32(out[24:], 0)                           // max_readahead
-			ne.PutUint32(out[28:], 0)                           // flags
-			ne.PutUint16(out[32:], 16)                          // max_background
-			ne.PutUint16(out[34:], 12)                          // congestion_threshold
-			ne.PutUint32(out[36:], 128*1024)                    // max_write
-			ne.PutUint32(out[40:], 1)                           // time_gran
-			ne.PutUint16(out[44:], 32)                          // max_pages
-			reply(0, 64)
+			reply(0, relayInitReply(out, in, 31, 0, 0))
 		case fuseOpLookup:
 			if nodeid != 1 || string(in[40:n-1]) != "t" {
 				reply(unix.ENOENT, 0)
