@@ -165,8 +165,12 @@ func relayServe(args []string) int {
 		fmt.Fprintln(os.Stderr, "relay:", err)
 		return 1
 	}
+	ended := make(chan struct{}, relayThreads)
 	for range relayThreads {
-		go relayLoop(ffd, tfd)
+		go func() {
+			relayLoop(ffd, tfd)
+			ended <- struct{}{}
+		}()
 	}
 	// INIT is answered by the loops; the first stat waits for it.
 	for {
@@ -176,7 +180,11 @@ func relayServe(args []string) int {
 		time.Sleep(5 * time.Millisecond)
 	}
 	fmt.Println("ready")
-	select {}
+	// Serve until killed, or until the connection goes (unmount, abort).
+	for range relayThreads {
+		<-ended
+	}
+	return 0
 }
 
 func relayLoop(ffd, tfd int) {

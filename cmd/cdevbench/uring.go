@@ -49,6 +49,7 @@ package main
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -493,7 +494,7 @@ func uringServe(args []string) int {
 		return fail(fmt.Errorf("INIT reply: %w", err))
 	}
 	// One queue per possible CPU, each its own thread pinned to its CPU.
-	errs := make(chan error, nq)
+	errs, ended := make(chan error, nq), make(chan struct{}, nq)
 	for qid := range nq {
 		go func() {
 			runtime.LockOSThread() // for ever: the ring is this thread's
@@ -508,10 +509,11 @@ func uringServe(args []string) int {
 			if err != nil {
 				return
 			}
-			if err := q.run(); err != nil && !strings.Contains(err.Error(), "ENOTCONN") {
+			if err := q.run(); err != nil && !errors.Is(err, unix.ENOTCONN) { // ENOTCONN: unmounted
 				fmt.Fprintln(os.Stderr, "min-uring:", err)
 				os.Exit(1)
 			}
+			ended <- struct{}{}
 		}()
 	}
 	for range nq {
@@ -546,5 +548,9 @@ func uringServe(args []string) int {
 		time.Sleep(5 * time.Millisecond)
 	}
 	fmt.Println("ready")
-	select {}
+	// Serve until killed, or until the connection goes (unmount, abort).
+	for range nq {
+		<-ended
+	}
+	return 0
 }
