@@ -33,6 +33,7 @@ type Linux struct {
 	ep   epoller        // started by the first poller
 	ns   netns.NsHandle // the namespace interfaces live in; -1 for the caller's own
 	mark string         // the ownership mark (interface alias) of our interfaces
+	ctl  int            // a socket in ns, for SIOCGIFINDEX
 
 	// mu guards closed: every use of nl holds it for reading, Close for
 	// writing, because a closed netlink.Handle silently falls back to the
@@ -74,6 +75,16 @@ func NewLinux(opts LinuxOptions) (*Linux, error) {
 		b.ns.Close()
 		return nil, fmt.Errorf("cloner: netlink: %w", err)
 	}
+	// SIOCGIFINDEX works on a socket of any family and answers for the
+	// socket's namespace; AF_UNIX is always there (glibc's if_nametoindex
+	// uses it too).
+	if b.ctl, err = b.inNetns(func() (int, error) {
+		return unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	}); err != nil {
+		b.nl.Close()
+		b.ns.Close()
+		return nil, fmt.Errorf("cloner: control socket: %w", err)
+	}
 	return b, nil
 }
 
@@ -98,6 +109,7 @@ func (b *Linux) Close() {
 	b.closed = true
 	b.ep.close()
 	b.nl.Close()
+	unix.Close(b.ctl)
 	b.ns.Close()
 }
 
@@ -141,16 +153,24 @@ func kindFlags(k Kind) uint16 {
 
 // openTun opens /dev/net/tun nonblocking (reads go through Go's poller,
 // so a blocked read holds no thread). A tun fd belongs to the namespace of
-// the thread that opens it, and TUNSETIFF makes the interface there, so
-// for --netns the open happens on a thread moved into that namespace.
+// the thread that opens it, and TUNSETIFF makes the interface there.
 func (b *Linux) openTun() (int, error) {
 	b.mu.RLock() // b.ns stays open
 	defer b.mu.RUnlock()
 	if b.closed {
 		return -1, errClosed
 	}
-	if !b.ns.IsOpen() {
+	return b.inNetns(func() (int, error) {
 		return unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	})
+}
+
+// inNetns runs open, which makes an fd, in the backend's namespace: for
+// --netns on a thread moved into that namespace, else on the caller's.
+// b.ns must stay open meanwhile (b.mu held, or b not yet published).
+func (b *Linux) inNetns(open func() (int, error)) (int, error) {
+	if !b.ns.IsOpen() {
+		return open()
 	}
 	runtime.LockOSThread()
 	own, err := netns.Get()
@@ -163,7 +183,7 @@ func (b *Linux) openTun() (int, error) {
 		runtime.UnlockOSThread()
 		return -1, err
 	}
-	fd, oerr := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	fd, oerr := open()
 	if err := netns.Set(own); err != nil {
 		// The thread is stuck in the other namespace: leave it locked so
 		// the runtime ends it with this goroutine instead of reusing it.
@@ -213,12 +233,18 @@ func (b *Linux) Create(name string, kind Kind, attach bool) (Link, error) {
 		return nil, fmt.Errorf("TUNSETPERSIST %s: %w", name, err)
 	}
 	err = b.handle(func(h *netlink.Handle) error {
-		link, err := h.LinkByName(name)
+		// The ifindex by ioctl, not RTM_GETLINK: the kernel would fill,
+		// and the library parse, a whole link message for one number.
+		ifr, err := unix.NewIfreq(name)
 		if err != nil {
+			return err
+		}
+		if err := unix.IoctlIfreq(b.ctl, unix.SIOCGIFINDEX, ifr); err != nil {
 			return fmt.Errorf("look up %s: %w", name, err)
 		}
-		l.index = link.Attrs().Index
+		l.index = int(ifr.Uint32())
 		if b.mark != "" {
+			link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: l.index, Name: name}}
 			if err := h.LinkSetAlias(link, b.mark); err != nil {
 				return fmt.Errorf("mark %s: %w", name, err)
 			}

@@ -14,7 +14,10 @@ package cloner
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net"
 	"net/netip"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -751,4 +754,77 @@ func TestLinuxNoFdLeak(t *testing.T) {
 			t.Errorf("tun%d left behind", u)
 		}
 	}
+}
+
+// TestLinuxCreateMarksInterfaceWithItsIndex: Create learns the ifindex
+// (an ioctl on the backend's socket) and marks the interface by it before
+// returning, in the daemon's namespace and with --netns. In the --netns
+// case an interface of the same name in the daemon's own namespace must
+// be neither the one indexed nor the one marked.
+func TestLinuxCreateMarksInterfaceWithItsIndex(t *testing.T) {
+	ltRequireNetns(t)
+	const mark = MarkPrefix + "/test/mark"
+	check := func(t *testing.T, b *Linux, name string, kind Kind, attach bool) Link {
+		t.Helper()
+		l, err := b.Create(name, kind, attach)
+		if err != nil {
+			t.Fatalf("Create(%s): %v", name, err)
+		}
+		t.Cleanup(func() { _ = l.Delete(); _ = l.Close() })
+		link, err := b.nl.LinkByName(name)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if got := link.Attrs().Index; l.Index() != got {
+			t.Errorf("Index() = %d, the kernel's ifindex of %s is %d", l.Index(), name, got)
+		}
+		if got := link.Attrs().Alias; got != mark {
+			t.Errorf("alias of %s = %q, want %q", name, got, mark)
+		}
+		if info, err := b.Find(name); err != nil || info.Owner != OwnerSelf || info.Index != l.Index() {
+			t.Errorf("Find(%s) = %+v, %v; want owner self, ifindex %d", name, info, err, l.Index())
+		}
+		return l
+	}
+	t.Run("own namespace", func(t *testing.T) {
+		b, err := NewLinux(LinuxOptions{Mark: mark})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(b.Close)
+		ltLinkGone(t, "tun107")
+		ltLinkGone(t, "tap107")
+		check(t, b, "tun107", Tun, true)
+		check(t, b, "tap107", Tap, false)
+	})
+	t.Run("netns", func(t *testing.T) {
+		ns := fmt.Sprintf("cdevfs-cl%d", os.Getpid())
+		ltIP(t, "netns", "add", ns)
+		t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+		ltLinkGone(t, "tun108")
+		ltIP(t, "tuntap", "add", "dev", "tun108", "mode", "tun") // the daemon's namespace has a tun108 too
+		ownIndex := ltIndex(t, "tun108")
+		b, err := NewLinux(LinuxOptions{Netns: ns, Mark: mark})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(b.Close)
+		check(t, b, "tun108", Tun, true)
+		if got := ltIndex(t, "tun108"); got != ownIndex {
+			t.Errorf("tun108 of the daemon's namespace: ifindex %d -> %d", ownIndex, got)
+		}
+		if show := ltLinkShow(t, "tun108"); strings.Contains(show, mark) {
+			t.Errorf("tun108 of the daemon's namespace was marked: %s", show)
+		}
+	})
+}
+
+// ltIndex is the ifindex of name in the test's namespace.
+func ltIndex(t *testing.T, name string) int {
+	t.Helper()
+	i, err := net.InterfaceByName(name)
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return i.Index
 }
