@@ -479,9 +479,14 @@ func (l *linuxLink) Detach() error {
 	l.unwatchLocked()
 	l.mu.Unlock()
 	var err error
-	if !l.foreign {
-		if link, lerr := l.b.linkByIndex(l.index); lerr == nil {
-			err = l.b.handle(func(h *netlink.Handle) error { return h.LinkSetDown(link) })
+	if !l.foreign && l.index > 0 {
+		// Down by ifindex in one request (no RTM_GETLINK first): an
+		// interface gone meanwhile is ENODEV, which is no error here,
+		// and neither is a released namespace.
+		link := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: l.index}}
+		err = l.b.handle(func(h *netlink.Handle) error { return h.LinkSetDown(link) })
+		if errors.Is(err, unix.ENODEV) || errors.Is(err, errClosed) {
+			err = nil
 		}
 	}
 	if f != nil {

@@ -794,8 +794,14 @@ func TestLinuxCreateMarksInterfaceWithItsIndex(t *testing.T) {
 		t.Cleanup(b.Close)
 		ltLinkGone(t, "tun107")
 		ltLinkGone(t, "tap107")
-		check(t, b, "tun107", Tun, true)
+		l := check(t, b, "tun107", Tun, true)
 		check(t, b, "tap107", Tap, false)
+		// Detach sets down by ifindex; an interface deleted meanwhile is
+		// no error.
+		ltIP(t, "link", "del", "tun107")
+		if err := l.Detach(); err != nil {
+			t.Errorf("Detach of a deleted interface: %v, want nil", err)
+		}
 	})
 	t.Run("netns", func(t *testing.T) {
 		ns := fmt.Sprintf("cdevfs-cl%d", os.Getpid())
