@@ -35,6 +35,7 @@ type Cloner struct {
 	// atomic to the others. It guards units.
 	mu      sync.Mutex
 	units   map[int]bool    // units in use: a node exists or is being made
+	lowFree int             // every unit below it is in units: the clone node's scan starts here
 	byIndex map[int]*device // live devices by kernel ifindex, for the netlink watch
 	retired bool            // the namespace is gone: nothing is made any more
 
@@ -116,7 +117,7 @@ func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.No
 	}
 	// Lowest free unit. A unit whose name some other device already has
 	// in the kernel is skipped, not leaked: it stays free (seed 004).
-	for u := 0; u <= c.max; u++ {
+	for u := c.lowFree; u <= c.max; u++ {
 		if c.units[u] {
 			continue
 		}
@@ -165,6 +166,9 @@ func (c *Cloner) publishLocked(u int, link Link, foreign, open bool) (*devnode.N
 	}
 	d.node.Store(n)
 	c.units[u] = true
+	for c.units[c.lowFree] {
+		c.lowFree++
+	}
 	if i := link.Index(); i > 0 {
 		c.byIndex[i] = d
 	}
@@ -352,6 +356,7 @@ func (d *device) Destroy(unlink func()) error {
 	// deleted namespace needs to be freed.
 	_ = d.link.Detach()
 	delete(d.c.units, d.unit)
+	d.c.lowFree = min(d.c.lowFree, d.unit)
 	if d.c.byIndex[d.link.Index()] == d {
 		delete(d.c.byIndex, d.link.Index())
 	}

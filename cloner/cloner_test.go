@@ -147,6 +147,38 @@ func TestCloneAllocatesLowestFreeUnit(t *testing.T) {
 	}
 }
 
+// The clone node's scan starts at the lowest unit that may be free:
+// destroys below it and adoptions at or above it must keep it right.
+func TestCloneLowestFreeAfterDestroysAndAdoptions(t *testing.T) {
+	e := newFakeEnv(t, 0)
+	ctx := context.Background()
+	clone := func(want string) *devnode.Node {
+		t.Helper()
+		n, err := e.reg.Clone(ctx, "tun")
+		if err != nil || n.Name() != want {
+			t.Fatalf("clone = %v, %v, want %s", n, err, want)
+		}
+		return n
+	}
+	var held []*devnode.Node
+	n0, n1, n2 := clone("tun0"), clone("tun1"), clone("tun2")
+	e.destroy(t, n2)
+	e.destroy(t, n0)
+	held = append(held, n1, clone("tun0"), clone("tun2"))
+	// Adopted units fill the range: tun4 leaves a gap at 3, tun3 closes it.
+	e.c.LinkAppeared(e.fake.AddExternal("tun4", Tun, OwnerNone))
+	held = append(held, clone("tun3"))
+	e.destroy(t, held[len(held)-1])
+	held = held[:len(held)-1]
+	e.c.LinkAppeared(e.fake.AddExternal("tun3", Tun, OwnerNone))
+	held = append(held, clone("tun5"))
+	e.shutdown(nil) // the adopted tun3 and tun4 stay: not made by cdevfs
+	for _, n := range held {
+		_ = n.Close(ctx)
+		n.Rel()
+	}
+}
+
 func TestCloneSkipsForeignNameWithoutLeak(t *testing.T) {
 	e := newFakeEnv(t, 0)
 	ctx := context.Background()
