@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"log/slog"
 	"sync"
 	"syscall"
 
@@ -27,6 +28,7 @@ import (
 // directory lock), so the entry that lookup left behind is dropped too.
 type invalidator struct {
 	dir *fs.Inode // the directory whose entries these are (the root)
+	log *slog.Logger
 
 	mu      sync.Mutex // guards q and stopped
 	q       []invalidation
@@ -41,8 +43,8 @@ type invalidation struct {
 	entry bool // drop the dentry name; otherwise the attributes of its inode
 }
 
-func newInvalidator(dir *fs.Inode) *invalidator {
-	v := &invalidator{dir: dir, wake: make(chan struct{}, 1), done: make(chan struct{})}
+func newInvalidator(dir *fs.Inode, log *slog.Logger) *invalidator {
+	v := &invalidator{dir: dir, log: log, wake: make(chan struct{}, 1), done: make(chan struct{})}
 	go v.run()
 	return v
 }
@@ -94,15 +96,17 @@ func (v *invalidator) run() {
 				break
 			}
 			for _, i := range q {
-				v.send(i)
+				if e := v.send(i); e != 0 && e != syscall.ENOENT && e != syscall.ENODEV {
+					v.log.Debug("cache invalidation refused", "name", i.name, "entry", i.entry, "errno", e)
+				}
 			}
 		}
 	}
 }
 
 // send writes one notification. ENOENT means the kernel had nothing
-// cached under that name or node, which is fine; an unmounted connection
-// fails the same way, harmlessly.
+// cached under that name or node, which is fine, as is ENODEV from a
+// connection that is gone; anything else is logged, at debug level.
 func (v *invalidator) send(i invalidation) syscall.Errno {
 	if i.entry {
 		return v.dir.NotifyEntry(i.name)

@@ -46,7 +46,7 @@ func newCacheTree(t *testing.T) *cacheTree {
 		t.Fatal(err)
 	}
 	c.t = newServer(pw, c.root, MountOptions{Log: quiet})
-	c.inval = newInvalidator(&c.root.Inode)
+	c.inval = newInvalidator(&c.root.Inode, quiet)
 	c.root.inval.Store(c.inval)
 	done := make(chan struct{})
 	go func() { // split the stream into messages; keep the notifications
@@ -160,16 +160,23 @@ func TestInvalidationsFollowChanges(t *testing.T) {
 	tun1 := c.lookup(t, "tun1")
 	null := c.lookup(t, "null")
 	c.root.SetRules(ruleset(t, "add path tun1 mode 0640\nadd path null mode 0600\n"))
-	got := map[uint64]bool{}
-	for range 2 {
-		n := c.next(t, "INVAL_INODE of tun1 and null")
-		if n.code != notifyInvalInode || int64(binary.NativeEndian.Uint64(n.body[8:])) >= 0 {
-			t.Fatalf("notification code %d body %x, want INVAL_INODE, attributes only", n.code, n.body)
+	// Each changed entry: its inode's attributes, and its name (a LOOKUP
+	// in flight could cache the old attributes after INVAL_INODE).
+	inodes, names := map[uint64]bool{}, map[string]bool{}
+	for range 4 {
+		n := c.next(t, "INVAL_INODE and INVAL_ENTRY of tun1 and null")
+		ne := binary.NativeEndian
+		switch {
+		case n.code == notifyInvalInode && int64(ne.Uint64(n.body[8:])) < 0:
+			inodes[ne.Uint64(n.body[0:])] = true
+		case n.code == notifyInvalEntry && ne.Uint64(n.body[0:]) == 1:
+			names[string(n.body[16:16+ne.Uint32(n.body[8:])])] = true
+		default:
+			t.Fatalf("notification code %d body %x, want INVAL_INODE (attributes only) or INVAL_ENTRY in the root", n.code, n.body)
 		}
-		got[binary.NativeEndian.Uint64(n.body[0:])] = true
 	}
-	if !got[tun1] || !got[null] {
-		t.Fatalf("attributes invalidated for nodeids %v, want tun1 (%d) and null (%d)", got, tun1, null)
+	if !inodes[tun1] || !inodes[null] || !names["tun1"] || !names["null"] {
+		t.Fatalf("invalidated nodeids %v and names %v, want tun1 (%d) and null (%d) in both", inodes, names, tun1, null)
 	}
 	c.root.SetRules(ruleset(t, "add path tun1 mode 0640\nadd path null mode 0600\n"))
 	c.wantNone(t, "applying the same rules again")
@@ -224,8 +231,9 @@ func TestListingNeverClones(t *testing.T) {
 }
 
 // TestUnlinkedDeviceIsStale: a path operation that reaches a destroyed
-// node through an entry the kernel still caches gets ESTALE (the kernel
-// then walks the path again); an open handle's fstat still works.
+// or hidden node through an entry the kernel still caches gets ESTALE
+// (the kernel then walks the path again); a Getattr that names an open
+// handle still answers.
 func TestUnlinkedDeviceIsStale(t *testing.T) {
 	c := newCacheTree(t)
 	n, err := c.reg.Lookup(context.Background(), "tun5")
@@ -238,6 +246,11 @@ func TestUnlinkedDeviceIsStale(t *testing.T) {
 	if e := d.Getattr(ctx, nil, &out); e != 0 {
 		t.Fatalf("Getattr of live tun5 = errno %d, want 0", e)
 	}
+	n.UpdateAttr(func(a *devnode.Attr) { a.Hidden = true })
+	if _, _, e := d.Open(ctx, uint32(os.O_RDWR)); e != syscall.ESTALE {
+		t.Errorf("Open of hidden tun5 = errno %d, want ESTALE", e)
+	}
+	n.UpdateAttr(func(a *devnode.Attr) { a.Hidden = false })
 	n.Destroy(context.Background())
 	defer n.Rel()
 	if _, _, e := d.Open(ctx, uint32(os.O_RDWR)); e != syscall.ESTALE {
@@ -249,7 +262,11 @@ func TestUnlinkedDeviceIsStale(t *testing.T) {
 	if e := d.Access(ctx, 4); e != syscall.ESTALE {
 		t.Errorf("Access of destroyed tun5 = errno %d, want ESTALE", e)
 	}
+	chmod := &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{Valid: fuse.FATTR_MODE, Mode: syscall.S_IFREG | 0644}}
+	if e := d.Setattr(ctx, nil, chmod, &out); e != syscall.ESTALE {
+		t.Errorf("chmod by path of destroyed tun5 = errno %d, want ESTALE", e)
+	}
 	if e := d.Getattr(ctx, struct{}{}, &out); e != 0 {
-		t.Errorf("Getattr by handle of destroyed tun5 = errno %d, want 0 (fstat of an open file)", e)
+		t.Errorf("Getattr naming a handle of destroyed tun5 = errno %d, want 0", e)
 	}
 }

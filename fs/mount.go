@@ -72,7 +72,7 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 	t := newServer(dev, root, o)
 	m := &Mount{dir: dir, t: t}
 	if r, ok := root.(*Root); ok {
-		m.inval = newInvalidator(&r.Inode)
+		m.inval = newInvalidator(&r.Inode, o.Log)
 		r.inval.Store(m.inval)
 	}
 	t.start()
@@ -132,7 +132,14 @@ func (m *Mount) Unmount() error {
 	if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: not mounted any more
 		return fmt.Errorf("unmount %s: %w", m.dir, err)
 	}
-	m.stopInval() // nothing is cached any more: the destroys that follow need not say
+	// A plain unmount leaves nothing cached, so the destroys that follow
+	// need not say. After a lazy one, files still open keep the kernel's
+	// inodes: a path operation reaching a destroyed node through them
+	// gets ESTALE, then ENXIO from the closed registry. stop waits for a
+	// notification in flight, which waits for the LOOKUPs in the
+	// directory: they are answered at once by now (the registry no
+	// longer clones).
+	m.stopInval()
 	return nil
 }
 

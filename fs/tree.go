@@ -99,7 +99,12 @@ func (r *Root) reapply(rs *rules.Ruleset, name string, s attrStore) {
 	case now.Hidden && !was.Hidden:
 		r.inval.Load().entry(name)
 	case now.Mode != was.Mode || now.Uid != was.Uid || now.Gid != was.Gid:
+		// The inode's attributes, and the entry too: a LOOKUP in flight
+		// may carry the old attributes into the cache after INVAL_INODE
+		// (which does not wait for it), but INVAL_ENTRY waits for the
+		// directory and drops what that LOOKUP left.
 		r.inval.Load().attrs(name)
+		r.inval.Load().entry(name)
 	}
 }
 
@@ -376,13 +381,15 @@ func (d *devNode) fill(a *fuse.Attr) {
 }
 
 // stale reports whether d's device is no longer what its name resolves
-// to: a destroy unlinked it, and the kernel reached it through a cached
-// entry whose invalidation is still on its way (invalidator). ESTALE
-// makes the kernel walk the path again, revalidating (LOOKUP_REVAL), and
-// act on what the name is now: a new unit for a privileged opener,
-// ENOENT for anyone else. Only path operations answer it; a handle's
-// operations keep their ENXIO.
-func (d *devNode) stale() bool { return !d.node.Linked() }
+// to: a destroy unlinked it, or the rules hide it, and the kernel reached
+// it through a cached entry whose invalidation is still on its way
+// (invalidator). ESTALE makes the kernel walk the path again, revalidating
+// (LOOKUP_REVAL), and act on what the name is now: a new unit for a
+// privileged opener, ENOENT for anyone else. Only path operations answer
+// it; a handle's operations keep their ENXIO. (A walk of an empty path,
+// fstatat(AT_EMPTY_PATH) on an O_PATH fd, finds the same inode again, so
+// such a caller sees the ESTALE.)
+func (d *devNode) stale() bool { return !d.node.Linked() || d.node.Attr().Hidden }
 
 // Getattr implements fs.NodeGetattrer.
 func (d *devNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -391,6 +398,15 @@ func (d *devNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOu
 	}
 	d.fill(&out.Attr)
 	return 0
+}
+
+// Setattr implements fs.NodeSetattrer: a chmod by path of a gone node
+// must reach the node its name has now, not die with the old one.
+func (d *devNode) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if _, byFh := in.GetFh(); !byFh && d.stale() {
+		return syscall.ESTALE
+	}
+	return d.entry.Setattr(ctx, f, in, out)
 }
 
 // Access implements fs.NodeAccesser.
