@@ -48,7 +48,6 @@ type Root struct {
 
 var (
 	_ = (fs.NodeLookuper)((*Root)(nil))
-	_ = (fs.NodeReaddirer)((*Root)(nil))
 	_ = (fs.NodeGetattrer)((*Root)(nil))
 	_ = (fs.NodeOnAdder)((*Root)(nil))
 	_ = (fs.NodeOpendirHandler)((*Root)(nil))
@@ -103,8 +102,9 @@ func (r *Root) reapply(rs *rules.Ruleset, name string, s attrStore) {
 		// may carry the old attributes into the cache after INVAL_INODE
 		// (which does not wait for it), but INVAL_ENTRY waits for the
 		// directory and drops what that LOOKUP left.
-		r.inval.Load().attrs(name)
-		r.inval.Load().entry(name)
+		v := r.inval.Load()
+		v.attrs(name)
+		v.entry(name)
 	}
 }
 
@@ -175,10 +175,10 @@ func (r *Root) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 	return 0
 }
 
-// Readdir implements fs.NodeReaddirer: the static nodes and the live
-// device nodes, except those the rules hide (FreeBSD's DE_WHITEOUT). It
-// never creates anything.
-func (r *Root) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+// listing is the root's contents, read by rootDir: the static nodes and
+// the live device nodes, except those the rules hide (FreeBSD's
+// DE_WHITEOUT). It never creates anything.
+func (r *Root) listing() fs.DirStream {
 	nodes := r.reg.List()
 	entries := make([]fuse.DirEntry, 0, len(r.statics)+len(nodes))
 	for _, e := range r.statics {
@@ -194,7 +194,7 @@ func (r *Root) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 		}
 		entries = append(entries, fuse.DirEntry{Name: n.Name(), Mode: syscall.S_IFREG, Ino: n.Ino()})
 	}
-	return fs.NewListDirStream(entries), 0
+	return fs.NewListDirStream(entries)
 }
 
 // Lookup implements fs.NodeLookuper. A static name is served from the
@@ -307,11 +307,7 @@ var (
 // Readdirent implements fs.FileReaddirenter.
 func (d *rootDir) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
 	if d.ds == nil {
-		ds, e := d.root.Readdir(ctx)
-		if e != 0 {
-			return nil, e
-		}
-		d.ds = ds
+		d.ds = d.root.listing()
 	}
 	if !d.ds.HasNext() {
 		return nil, 0
@@ -324,11 +320,7 @@ func (d *rootDir) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno
 // as rewinddir(3) must show entries made since the opendir.
 func (d *rootDir) Seekdir(ctx context.Context, off uint64) syscall.Errno {
 	if off == 0 || d.ds == nil {
-		ds, e := d.root.Readdir(ctx)
-		if e != 0 {
-			return e
-		}
-		d.ds = ds
+		d.ds = d.root.listing()
 	}
 	if sd, ok := d.ds.(fs.FileSeekdirer); ok {
 		return sd.Seekdir(ctx, off)
