@@ -1,0 +1,250 @@
+// Package fuseuring drives the kernel's FUSE-over-io_uring transport
+// (fs/fuse/dev_uring.c): an io_uring instance per FUSE queue, the ring
+// entries that carry one request and its reply each, and the
+// FUSE_IO_URING_CMD_REGISTER and _COMMIT_AND_FETCH commands. It is shared
+// by cdevfs's transport (fs/uring.go) and cdevbench's minimal relay.
+//
+// How the kernel does it (6.18):
+//
+//   - INIT still goes over read/write on /dev/fuse; the reply sets
+//     FUSE_OVER_IO_URING (flags2 bit 9, so FUSE_INIT_EXT too), which the
+//     kernel offers in INIT, and honours, only while the fuse module
+//     parameter enable_uring is Y.
+//   - The server then submits a REGISTER uring command (IORING_OP_URING_CMD
+//     on the /dev/fuse fd, 80 command bytes, hence IORING_SETUP_SQE128)
+//     per ring entry, each with two iovecs: a struct fuse_uring_req_header
+//     (288 bytes) and a payload buffer of at least max(8 KiB, max_write,
+//     max_pages*PAGE_SIZE). Entries may be added at any time.
+//   - There is one queue per possible CPU (num_possible_cpus), and the
+//     ring is ready, so that requests stop going over read(2), only when
+//     every queue has an entry registered. A request is put on the queue
+//     of the CPU its sender runs on, and waits there until an entry of that
+//     queue is free. The kernel fills an entry in the context of the thread
+//     that submitted its command (task work), so each queue is served by
+//     one thread, and like libfuse that thread is pinned to its queue's CPU.
+//   - A request arrives as the completion of an entry's command: the
+//     fuse_in_header at the start of the header, the operation's own
+//     header (fuse_read_in, ...) at offset 128, the rest (a name, a WRITE's
+//     data) in the payload buffer. The reply goes back, and the entry is
+//     armed for the next request, with one COMMIT_AND_FETCH: the
+//     fuse_out_header at the start of the header, the whole reply body in
+//     the payload buffer.
+//   - FORGET, INTERRUPT and notification replies still go over read(2) on
+//     /dev/fuse, and notifications are still written to it.
+//
+// io_uring is driven with raw io_uring_setup/io_uring_enter syscalls and
+// mmaps through golang.org/x/sys/unix rather than a Go io_uring library:
+// the transport needs only SQE128, IORING_OP_URING_CMD, IORING_OP_READ and
+// IORING_OP_POLL_ADD, about 150 lines, and the packet path is better
+// without a dependency whose own costs would be paid on every request.
+package fuseuring
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// EnableParam is the fuse module parameter that allows FUSE over io_uring.
+const EnableParam = "/sys/module/fuse/parameters/enable_uring"
+
+// Available says whether this kernel carries FUSE over io_uring now, and
+// if not why.
+func Available() (bool, string) {
+	b, err := os.ReadFile(EnableParam)
+	if err != nil {
+		return false, "this kernel's fuse has no io_uring support (no " + EnableParam + ")"
+	}
+	if v := strings.TrimSpace(string(b)); v != "Y" {
+		return false, "fuse enable_uring=" + v + "; set Y in " + EnableParam + " to use it"
+	}
+	return true, ""
+}
+
+// PossibleCPUs is num_possible_cpus(): the number of queues the kernel
+// wants registered.
+func PossibleCPUs() (int, error) {
+	b, err := os.ReadFile("/sys/devices/system/cpu/possible")
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, r := range strings.Split(strings.TrimSpace(string(b)), ",") {
+		lo, hi, ok := strings.Cut(r, "-")
+		a, err := strconv.Atoi(lo)
+		if err != nil {
+			return 0, fmt.Errorf("cpu/possible %q", b)
+		}
+		z := a
+		if ok {
+			if z, err = strconv.Atoi(hi); err != nil {
+				return 0, fmt.Errorf("cpu/possible %q", b)
+			}
+		}
+		n = max(n, z+1)
+	}
+	return n, nil
+}
+
+const (
+	ioringSetupCQSize  = 1 << 3
+	ioringSetupSQE128  = 1 << 10
+	ioringFeatSingleMm = 1 << 0
+	ioringFeatNoDrop   = 1 << 1
+	ioringOffSQRing    = 0
+	ioringOffSQEs      = 0x10000000
+	ioringEnterGetEv   = 1 << 0
+	ioringRegFiles     = 2
+	ioringOpPollAdd    = 6
+	ioringOpRead       = 22
+	ioringOpURingCmd   = 46
+	iosqeFixedFile     = 1 << 0
+	sqeSize            = 128 // with IORING_SETUP_SQE128
+	cqeSize            = 16
+)
+
+// Ring is one io_uring instance with its rings mapped. It is used by one
+// thread only: the one that made it.
+type Ring struct {
+	fd                     int
+	sqHead, sqTail, sqMask *uint32
+	sqArray                unsafe.Pointer
+	sqes                   []byte
+	cqHead, cqTail, cqMask *uint32
+	cqes                   unsafe.Pointer
+	tail                   uint32 // local SQ tail
+	entries                uint32
+	maps                   [][]byte
+}
+
+// NewRing sets up a ring of entries submission slots (and twice as many
+// completion slots; the kernel keeps overflowing completions, NODROP).
+func NewRing(entries uint32) (*Ring, error) {
+	var p [120]byte // struct io_uring_params
+	ne := binary.NativeEndian
+	ne.PutUint32(p[4:], 2*entries) // cq_entries
+	ne.PutUint32(p[8:], ioringSetupSQE128|ioringSetupCQSize)
+	fd, _, e := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p[0])), 0)
+	if e != 0 {
+		return nil, fmt.Errorf("io_uring_setup: %w", e)
+	}
+	r := &Ring{fd: int(fd), entries: ne.Uint32(p[0:])}
+	sqEntries, cqEntries, features := ne.Uint32(p[0:]), ne.Uint32(p[4:]), ne.Uint32(p[20:])
+	sq, cq := p[40:80], p[80:120] // io_sqring_offsets, io_cqring_offsets
+	sqLen := int(ne.Uint32(sq[24:])) + int(sqEntries)*4
+	cqLen := int(ne.Uint32(cq[20:])) + int(cqEntries)*cqeSize
+	if features&ioringFeatSingleMm == 0 || features&ioringFeatNoDrop == 0 {
+		unix.Close(r.fd)
+		return nil, fmt.Errorf("io_uring without IORING_FEAT_SINGLE_MMAP or NODROP")
+	}
+	ringMem, err := unix.Mmap(r.fd, ioringOffSQRing, max(sqLen, cqLen), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		unix.Close(r.fd)
+		return nil, fmt.Errorf("mmap io_uring rings: %w", err)
+	}
+	r.sqes, err = unix.Mmap(r.fd, ioringOffSQEs, int(sqEntries)*sqeSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		unix.Munmap(ringMem)
+		unix.Close(r.fd)
+		return nil, fmt.Errorf("mmap io_uring sqes: %w", err)
+	}
+	r.maps = [][]byte{ringMem, r.sqes}
+	at := func(off uint32) *uint32 { return (*uint32)(unsafe.Pointer(&ringMem[off])) }
+	r.sqHead, r.sqTail, r.sqMask = at(ne.Uint32(sq[0:])), at(ne.Uint32(sq[4:])), at(ne.Uint32(sq[8:]))
+	r.sqArray = unsafe.Pointer(&ringMem[ne.Uint32(sq[24:])])
+	r.cqHead, r.cqTail, r.cqMask = at(ne.Uint32(cq[0:])), at(ne.Uint32(cq[4:])), at(ne.Uint32(cq[8:]))
+	r.cqes = unsafe.Pointer(&ringMem[ne.Uint32(cq[20:])])
+	r.tail = atomic.LoadUint32(r.sqTail)
+	return r, nil
+}
+
+// Close closes the ring: the kernel cancels the commands still pending
+// in it (for FUSE: the entries waiting for a request).
+func (r *Ring) Close() {
+	for _, m := range r.maps {
+		unix.Munmap(m)
+	}
+	unix.Close(r.fd)
+}
+
+// RegisterFile makes fd the ring's fixed file 0.
+func (r *Ring) RegisterFile(fd int) error {
+	fds := []int32{int32(fd)}
+	if _, _, e := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), ioringRegFiles, uintptr(unsafe.Pointer(&fds[0])), 1, 0, 0); e != 0 {
+		return fmt.Errorf("IORING_REGISTER_FILES: %w", e)
+	}
+	return nil
+}
+
+// sqe returns the next free submission entry, zeroed; with every slot
+// taken it submits what is queued first.
+func (r *Ring) sqe() []byte {
+	for r.tail-atomic.LoadUint32(r.sqHead) >= r.entries {
+		if err := r.Enter(false); err != nil {
+			panic(err) // the ring itself is broken
+		}
+	}
+	i := r.tail & *r.sqMask
+	*(*uint32)(unsafe.Add(r.sqArray, 4*i)) = i
+	r.tail++
+	s := r.sqes[int(i)*sqeSize : int(i+1)*sqeSize]
+	clear(s)
+	return s
+}
+
+// Enter submits what is queued and, if wait, waits for a completion.
+func (r *Ring) Enter(wait bool) error {
+	atomic.StoreUint32(r.sqTail, r.tail)
+	toSubmit := r.tail - atomic.LoadUint32(r.sqHead)
+	var flags, minComplete uintptr
+	if wait {
+		flags, minComplete = ioringEnterGetEv, 1
+	}
+	if toSubmit == 0 && !wait {
+		return nil
+	}
+	_, _, e := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(toSubmit), minComplete, flags, 0, 0)
+	if e != 0 && e != unix.EINTR && e != unix.EAGAIN && e != unix.EBUSY {
+		return fmt.Errorf("io_uring_enter: %w", e)
+	}
+	return nil
+}
+
+// Reap calls f on every completion waiting.
+func (r *Ring) Reap(f func(userData uint64, res int32)) {
+	head := atomic.LoadUint32(r.cqHead)
+	for tail := atomic.LoadUint32(r.cqTail); head != tail; head++ {
+		c := unsafe.Add(r.cqes, uintptr(head&*r.cqMask)*cqeSize)
+		f(*(*uint64)(c), *(*int32)(unsafe.Add(c, 8)))
+	}
+	atomic.StoreUint32(r.cqHead, head)
+}
+
+// PollAdd queues a one-shot poll of fd for events.
+func (r *Ring) PollAdd(fd int, events uint32, userData uint64) {
+	s := r.sqe()
+	ne := binary.NativeEndian
+	s[0] = ioringOpPollAdd
+	ne.PutUint32(s[4:], uint32(fd))
+	ne.PutUint32(s[28:], events) // poll32_events
+	ne.PutUint64(s[32:], userData)
+}
+
+// Read queues a read(2) of fd into buf, which must stay put (not Go
+// heap memory the collector may free) until the completion.
+func (r *Ring) Read(fd int, buf []byte, userData uint64) {
+	s := r.sqe()
+	ne := binary.NativeEndian
+	s[0] = ioringOpRead
+	ne.PutUint32(s[4:], uint32(fd))
+	ne.PutUint64(s[8:], ^uint64(0)) // off: -1, the file position (none for an eventfd)
+	ne.PutUint64(s[16:], uint64(uintptr(unsafe.Pointer(&buf[0]))))
+	ne.PutUint32(s[24:], uint32(len(buf)))
+	ne.PutUint64(s[32:], userData)
+}
