@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cdevfs/cdevfs/internal/fuseuring"
 	"github.com/cdevfs/cdevfs/metrics"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -29,6 +30,8 @@ type MountOptions struct {
 	// Metrics counts opens, packets, errors and FUSE requests; nil
 	// counts nothing.
 	Metrics *metrics.Metrics
+	// IOURing says whether requests go over FUSE-over-io_uring.
+	IOURing IOURing
 }
 
 // maxWrite is the largest WRITE the kernel sends us: above the MRU, so
@@ -62,6 +65,31 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 	if err != nil {
 		return nil, err
 	}
+	if o.IOURing != IOURingOff {
+		if err := probeURing(); err != nil {
+			if o.IOURing == IOURingOn {
+				return nil, fmt.Errorf("mount %s: --io-uring=on: %w", dir, err)
+			}
+			o.Log.Info("FUSE over io_uring not available; serving over /dev/fuse", "why", err)
+			o.IOURing = IOURingOff
+		}
+	}
+	m, err := mount(dir, root, o)
+	if errors.Is(err, errURingStart) && o.IOURing == IOURingAuto {
+		// Once INIT asked for io_uring the kernel holds every request
+		// until the queues are ready, so a mount whose queues failed is
+		// of no use: mount again without.
+		o.Log.Warn("FUSE over io_uring offered but not usable; mounting again over /dev/fuse", "err", err)
+		o.IOURing = IOURingOff
+		m, err = mount(dir, root, o)
+	}
+	return m, err
+}
+
+// errURingStart marks a mount whose io_uring queues did not start.
+var errURingStart = errors.New("io_uring queues")
+
+func mount(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 	if err := checkMountpoint(dir, o.Log); err != nil {
 		return nil, err
 	}
@@ -83,6 +111,24 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 		m.Close()
 		return nil, fmt.Errorf("mount %s: the kernel sent no INIT", dir)
 	}
+	var uerr error
+	switch s := t.uring.Load(); {
+	case t.uringErr == nil && s != nil:
+		o.Log.Info("FUSE over io_uring", "queues", len(s.queues), "entries_per_queue", ringEntries)
+	case errors.Is(t.uringErr, errNoURing) && o.IOURing == IOURingOn:
+		why := t.uringErr.Error()
+		if ok, w := fuseuring.Available(); !ok {
+			why = w
+		}
+		uerr = fmt.Errorf("mount %s: --io-uring=on: %s", dir, why)
+	case t.uringErr != nil && !errors.Is(t.uringErr, errNoURing):
+		uerr = fmt.Errorf("mount %s: %w: %w", dir, errURingStart, t.uringErr)
+	}
+	if uerr != nil {
+		m.Unmount()
+		m.Close()
+		return nil, uerr
+	}
 	return m, nil
 }
 
@@ -91,6 +137,7 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 	t := newTransport(dev, o.Log, maxWrite)
 	t.metrics = o.Metrics
+	t.wantURing = o.IOURing != IOURingOff
 	if r, ok := root.(*Root); ok {
 		r.notifyPoll = func(kh uint64) { t.PollNotify(kh) }
 		r.fhs = &t.fhs
@@ -105,8 +152,11 @@ func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 		Name:          "cdevfs",
 		FsName:        "cdevfs",
 		DisableSplice: true,
-		Debug:         o.Debug,
-		Logger:        log.New(slogWriter{o.Log}, "", 0),
+		// Taken only if the kernel offers it in INIT (go-fuse masks
+		// extra capabilities with the kernel's).
+		ExtraCapabilities: extraCaps(o.IOURing),
+		Debug:             o.Debug,
+		Logger:            log.New(slogWriter{o.Log}, "", 0),
 	}
 	raw := fs.NewNodeFS(root, &fs.Options{
 		// Entries and attributes are cached, and invalidated when they
@@ -145,10 +195,25 @@ func (m *Mount) Unmount() error {
 
 // Close closes /dev/fuse, which aborts the connection, and waits for the
 // request loop to stop. Call it after Unmount, last.
+//
+// The io_uring queues stop first: each ring holds /dev/fuse as a fixed
+// file, so closing the fd ends the connection only once the rings are
+// closed too. After a plain unmount they have stopped already (the
+// kernel gave their entries back).
 func (m *Mount) Close() {
 	m.stopInval() // before the fd goes: the invalidator writes to it
+	if s := m.t.uring.Load(); s != nil {
+		s.stop()
+	}
 	m.t.dev.Close()
 	m.t.wait()
+}
+
+func extraCaps(u IOURing) uint64 {
+	if u == IOURingOff {
+		return 0
+	}
+	return fuse.CAP_OVER_IO_URING
 }
 
 func (m *Mount) stopInval() {
@@ -161,9 +226,11 @@ func (m *Mount) stopInval() {
 // mount point, with a message a user can act on.
 func checkMountpoint(dir string, log *slog.Logger) error {
 	st, err := os.Stat(dir)
-	if errors.Is(err, syscall.ENOTCONN) {
+	if errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNABORTED) {
 		// A daemon that died (kill -9) leaves its mount behind, and every
-		// access fails with ENOTCONN. One of ours is cleaned up so that a
+		// access fails with ENOTCONN (ECONNABORTED for a moment after the
+		// death where the connection was over io_uring, while the kernel
+		// tears the queues down). One of ours is cleaned up so that a
 		// restart just works; anyone else's is reported.
 		if fstype, _ := mountAt(dir); fstype != "fuse.cdevfs" {
 			return fmt.Errorf("mountpoint %s: a dead FUSE mount (%s) is there (transport endpoint is not connected); unmount it with umount -l %s", dir, fstype, dir)

@@ -16,12 +16,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// transport is the small, replaceable piece in front of go-fuse's request
+// transport is the small piece in front of go-fuse's request
 // handling (DESIGN.md, "Layers"): it reads requests from /dev/fuse, hands
 // them to a fuse.ProtocolServer and writes the replies, and it writes the
 // kernel notifications itself (fs.ServerCallbacks). Owning this loop is what
 // lets cdevfs answer FUSE_POLL, which go-fuse's own server refuses with
-// ENOSYS, and what a FUSE-over-io_uring transport would replace.
+// ENOSYS, and carry requests over FUSE-over-io_uring queues (uring.go)
+// when the kernel offers them.
 //
 // /dev/fuse is opened nonblocking and read through Go's poller, so idle
 // readers are parked goroutines, not threads. A request is handled on the
@@ -44,10 +45,16 @@ type transport struct {
 	bufSize int
 	bufs    sync.Pool
 
-	idle    atomic.Int32 // readers waiting in read(2)
-	readers sync.WaitGroup
-	inited  chan struct{} // closed once INIT is answered
+	idle    atomic.Int32   // readers waiting in read(2)
+	readers sync.WaitGroup // readers, io_uring queue threads, their handoffs
+	inited  chan struct{}  // closed once INIT is answered
 	initOne sync.Once
+
+	// wantURing asks the kernel for FUSE over io_uring in INIT; uringErr
+	// says, once inited is closed, why the transport is not using it.
+	wantURing bool
+	uringErr  error
+	uring     atomic.Pointer[uringServer] // set once the queues start
 }
 
 const (
@@ -122,21 +129,43 @@ func (t *transport) reader() {
 	}
 }
 
+// handle serves one request read from /dev/fuse and writes its reply.
 func (t *transport) handle(in, out []byte) {
+	n, _ := t.serve(in, out, true)
+	if n > 0 {
+		t.write(out[:n])
+	}
+	if len(in) >= inHeaderLen && binary.NativeEndian.Uint32(in[4:]) == opInit {
+		if n > 0 && t.wantURing && initAsksURing(out[:n]) {
+			t.uringErr = t.startURing()
+		} else if t.wantURing {
+			t.uringErr = errNoURing
+		}
+		t.initOne.Do(func() { close(t.inited) })
+	}
+}
+
+// serve serves one request, in as read(2) on /dev/fuse gives it, and
+// builds the reply in out; n is its length, 0 for none. Unless mayBlock,
+// a READ the fast path does not answer is left alone (blocked is true):
+// it may wait for a packet, and the caller must not.
+func (t *transport) serve(in, out []byte, mayBlock bool) (n int, blocked bool) {
 	if len(in) < inHeaderLen {
 		t.log.Error("short FUSE request", "bytes", len(in))
-		return
+		return 0, false
 	}
+	start := time.Now()
 	op := binary.NativeEndian.Uint32(in[4:])
-	defer t.metrics.Request(op, time.Now()) // the request's latency, reply written (fast path included)
 	if t.fast {
 		if n, ok := t.fastPath(op, in, out); ok {
-			if n > 0 {
-				t.write(out[:n])
-			}
-			return
+			t.metrics.Request(op, start) // the request's latency (fast path included)
+			return n, false
 		}
 	}
+	if op == opRead && !mayBlock {
+		return 0, true
+	}
+	defer t.metrics.Request(op, start)
 	if op == opRelease && len(in) >= inHeaderLen+8 {
 		// go-fuse recycles the fh once it has handled RELEASE: forget it
 		// first. The kernel sends RELEASE after every request on the file
@@ -150,7 +179,6 @@ func (t *transport) handle(in, out []byte) {
 		// is now (fcntl and FIONBIO change it without telling us).
 		binary.NativeEndian.PutUint64(in[48:], uint64(binary.NativeEndian.Uint32(in[72:])))
 	}
-	var n int
 	switch {
 	case op == opPoll:
 		n = t.poll(in, out)
@@ -175,12 +203,7 @@ func (t *transport) handle(in, out []byte) {
 			t.identify(in, binary.NativeEndian.Uint64(out[16:]))
 		}
 	}
-	if op == opInit {
-		defer t.initOne.Do(func() { close(t.inited) })
-	}
-	if n > 0 {
-		t.write(out[:n])
-	}
+	return n, false
 }
 
 // fastPath serves READ and WRITE of a device handle without go-fuse: the

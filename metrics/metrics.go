@@ -38,6 +38,7 @@ type Metrics struct {
 	opens, clones, destroys, revokes prometheus.Counter
 	packetsRead, packetsWritten      prometheus.Counter
 	bytesRead, bytesWritten          prometheus.Counter
+	ringRequests                     prometheus.Counter
 
 	errors   *prometheus.CounterVec
 	errorBy  [maxErrno]atomic.Pointer[prometheus.Counter]
@@ -64,6 +65,7 @@ func New(states States) *Metrics {
 	m.packetsWritten = counter("packets_written_total", "Packets written to devices by clients.")
 	m.bytesRead = counter("read_bytes_total", "Bytes of packets read from devices by clients.")
 	m.bytesWritten = counter("written_bytes_total", "Bytes of packets written to devices by clients.")
+	m.ringRequests = counter("fuse_ring_requests_total", "FUSE requests answered through io_uring queues (--io-uring) rather than /dev/fuse.")
 	m.errors = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "cdevfs", Name: "device_errors_total",
 		Help: "Errors returned by device reads, writes and ioctls, by errno."}, []string{"errno"})
 	m.requests = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "cdevfs", Name: "fuse_request_duration_seconds",
@@ -142,6 +144,14 @@ func (m *Metrics) Error(e syscall.Errno) {
 		m.errorBy[e].Store(c)
 	}
 	(*c).Inc()
+}
+
+// RingRequest counts one FUSE request answered through an io_uring queue.
+func (m *Metrics) RingRequest() {
+	if m == nil {
+		return
+	}
+	m.ringRequests.Inc()
 }
 
 // Request observes one FUSE request with opcode op that started at start.

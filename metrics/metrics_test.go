@@ -36,6 +36,8 @@ func TestCountersMove(t *testing.T) {
 	m.Request(15, time.Now().Add(-time.Millisecond))
 	m.Request(1, time.Now())
 	m.Request(999, time.Now()) // unknown opcode: "other"
+	m.RingRequest()
+	m.RingRequest()
 
 	for _, c := range []struct {
 		got  float64
@@ -69,6 +71,7 @@ func TestCountersMove(t *testing.T) {
 		`cdevfs_fuse_request_duration_seconds_count{opcode="other"} 1`,
 		`cdevfs_device_errors_total{errno="ENXIO"} 2`,
 		`cdevfs_read_bytes_total 100`,
+		`cdevfs_fuse_ring_requests_total 2`,
 		`go_goroutines `,
 		`process_resident_memory_bytes `,
 	} {
@@ -89,6 +92,7 @@ func TestNilCountsNothing(t *testing.T) {
 	m.Wrote(1)
 	m.Error(syscall.EIO)
 	m.Request(15, time.Now())
+	m.RingRequest()
 }
 
 // TestPacketPathDoesNotAllocate: the per-packet and per-request methods

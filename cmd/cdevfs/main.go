@@ -75,12 +75,14 @@ type mountFlags struct {
 	rules      ruleSource
 	logFormat  logFormat
 	metrics    string
+	iouring    cfs.IOURing
 }
 
 // mountFlagSet defines the mount flags on f.
 func mountFlagSet(f *mountFlags) *flag.FlagSet {
 	fl := flag.NewFlagSet("cdevfs mount", flag.ContinueOnError)
 	fl.BoolVar(&f.allowOther, "allow-other", false, "let every user use the mount (mount option allow_other); cloning still needs CAP_NET_ADMIN")
+	fl.TextVar(&f.iouring, "io-uring", cfs.IOURingAuto, "`MODE` of carrying FUSE requests over io_uring: auto (when the kernel offers it: fuse's enable_uring is Y), on (required) or off")
 	fl.IntVar(&f.maxUnit, "max-unit", cloner.DefaultMaxUnit, "highest tun/tap unit number `N`")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request (implies --log-level debug)")
 	fl.TextVar(&f.logLevel, "log-level", slog.LevelInfo, "lowest `LEVEL` logged: debug, info, warn or error")
@@ -193,7 +195,7 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, noti
 	// Mount before following the kernel: the mountpoint check refuses a
 	// second daemon on a live mount before it could adopt (and at its
 	// exit delete) the interfaces of the first, which carry the same mark.
-	m, err := cfs.New(dir, root, cfs.MountOptions{AllowOther: f.allowOther, Debug: f.debug, Log: log, Metrics: mx})
+	m, err := cfs.New(dir, root, cfs.MountOptions{AllowOther: f.allowOther, Debug: f.debug, Log: log, Metrics: mx, IOURing: f.iouring})
 	if err != nil {
 		reg.Shutdown(context.Background(), nil)
 		return err
