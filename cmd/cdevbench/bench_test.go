@@ -77,5 +77,8 @@ func TestSmoke(t *testing.T) {
 	if ok, why := uringAvailable(); !ok && !strings.Contains(table, "min-uring: n/a, "+why) {
 		t.Errorf("no word in the header on why min-uring is n/a (%s):\n%s", why, table)
 	}
+	if !strings.Contains(table, "cdevfs column: served over ") {
+		t.Errorf("no word in the header on the cdevfs column's transport:\n%s", table)
+	}
 	t.Logf("\n%s", table)
 }

@@ -52,6 +52,9 @@ type config struct {
 	scale     []int
 	relay     bool
 	uring     bool
+	// cdevfsURing serves the cdevfs column over io_uring where the kernel
+	// allows it (the daemon's --io-uring on), else over /dev/fuse.
+	cdevfsURing bool
 }
 
 const nsEnv = "CDEVBENCH_NETNS"
@@ -67,6 +70,7 @@ func main() {
 	flag.StringVar(&scale, "scale", "1000,10000", "comma-separated interface counts for the scale rows")
 	flag.BoolVar(&c.relay, "relay", true, "also measure a minimal hand-written FUSE relay (the /dev/fuse floor)")
 	flag.BoolVar(&c.uring, "uring", true, "also measure a minimal FUSE-over-io_uring relay (needs the fuse module's enable_uring=Y; n/a otherwise)")
+	flag.BoolVar(&c.cdevfsURing, "cdevfs-uring", true, "serve the cdevfs column over FUSE-over-io_uring where the kernel allows it (enable_uring=Y); false: over /dev/fuse")
 	flag.Parse()
 	for _, f := range strings.Split(scale, ",") {
 		if f = strings.TrimSpace(f); f == "" {
@@ -143,9 +147,9 @@ type daemon struct {
 	logb bytes.Buffer
 }
 
-func startDaemon(bin, dir string) (*daemon, error) {
+func startDaemon(bin, dir, iouring string) (*daemon, error) {
 	d := &daemon{dir: dir}
-	d.cmd = exec.Command(bin, "mount", "--log-level", "warn", dir)
+	d.cmd = exec.Command(bin, "mount", "--log-level", "warn", "--io-uring", iouring, dir)
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {
 		return nil, err
@@ -283,7 +287,18 @@ func run(c *config) (err error) {
 		return err
 	}
 	defer os.Remove(mnt)
-	d, err := startDaemon(c.cdevfs, mnt)
+	// The cdevfs column's transport, said in the header.
+	var notes []string
+	iouring, transport := "off", "/dev/fuse (-cdevfs-uring=false)"
+	if c.cdevfsURing {
+		if ok, why := uringAvailable(); ok {
+			iouring, transport = "on", "FUSE over io_uring"
+		} else {
+			transport = "/dev/fuse, " + why
+		}
+	}
+	notes = append(notes, "cdevfs column: served over "+transport)
+	d, err := startDaemon(c.cdevfs, mnt, iouring)
 	if err != nil {
 		return err
 	}
@@ -299,7 +314,6 @@ func run(c *config) (err error) {
 	// the benchmark does not change the fuse module's setting itself.
 	var relays []*relayProc
 	var cols []string
-	var notes []string
 	uringOK := false
 	if c.relay {
 		rp, err := startRelay(false)
