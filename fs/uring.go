@@ -90,8 +90,9 @@ type uringQueue struct {
 	in  []byte // a request as read(2) would give it, rebuilt here
 
 	state     []entState
-	waiting   int // entries the kernel holds, waiting for a request
-	handedOff int // entries whose request a goroutine serves
+	waiting   int          // entries the kernel holds, waiting for a request
+	handedOff int          // entries whose request a goroutine serves
+	entries   atomic.Int32 // len(state), for readers outside the thread
 
 	// efd wakes the thread: a handed-off request has its reply in done,
 	// or stop was asked. efdBuf is where the ring reads the count to.
@@ -214,7 +215,7 @@ func (uq *uringQueue) addEntry() error {
 	}
 	uq.state = append(uq.state, entInKernel)
 	uq.waiting++
-	_ = i
+	uq.entries.Store(int32(i + 1))
 	return nil
 }
 

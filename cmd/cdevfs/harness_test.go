@@ -124,6 +124,10 @@ type daemon struct {
 	err  error // exit status, once done is closed
 }
 
+// daemonFlags go to every daemon a test starts before its own flags
+// (TestOverIOURing runs tests with --io-uring on).
+var daemonFlags []string
+
 // startDaemon mounts a fresh tree at a temporary directory.
 func startDaemon(t *testing.T, flags ...string) *daemon {
 	t.Helper()
@@ -136,7 +140,7 @@ func startDaemonAt(t *testing.T, dir string, flags ...string) *daemon {
 	t.Helper()
 	requireKernel(t)
 	d := &daemon{t: t, dir: dir, done: make(chan struct{})}
-	args := append([]string{"--net", "--", cdevfs, "mount"}, flags...)
+	args := append(append([]string{"--net", "--", cdevfs, "mount"}, daemonFlags...), flags...)
 	d.cmd = exec.Command("unshare", append(args, d.dir)...)
 	// The race runtime sleeps 1 s at exit (atexit_sleep_ms) to catch late
 	// reports; that is not the daemon's shutdown time.

@@ -248,3 +248,18 @@ func (r *Ring) Read(fd int, buf []byte, userData uint64) {
 	ne.PutUint32(s[24:], uint32(len(buf)))
 	ne.PutUint64(s[32:], userData)
 }
+
+// SetEnable sets the fuse module's enable_uring to v ("Y" or "N"), for
+// tests: it is machine-wide, and decides what the kernel offers the next
+// mounts' INIT (a mount keeps what it negotiated). restore puts back what
+// was there.
+func SetEnable(v string) (restore func() error, err error) {
+	old, err := os.ReadFile(EnableParam)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(EnableParam, []byte(v), 0); err != nil {
+		return nil, fmt.Errorf("set %s to %s: %w", EnableParam, v, err)
+	}
+	return func() error { return os.WriteFile(EnableParam, []byte(strings.TrimSpace(string(old))), 0) }, nil
+}

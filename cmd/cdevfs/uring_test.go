@@ -1,0 +1,74 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/cdevfs/cdevfs/internal/fuseuring"
+)
+
+// TestOverIOURing runs the tests of the packet path, of blocking, waking
+// and interrupting, and of teardown with the daemon's FUSE requests
+// carried over io_uring (--io-uring on), enable_uring set to Y for the
+// test (it is machine-wide, and put back after). The rest of the suite
+// runs over whichever transport the machine's setting gives (auto: over
+// /dev/fuse in CI).
+func TestOverIOURing(t *testing.T) {
+	requireKernel(t)
+	restore, err := fuseuring.SetEnable("Y")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("FUSE over io_uring test cannot run in CI: %v", err)
+		}
+		t.Skipf("FUSE over io_uring test cannot run here: %v", err)
+	}
+	defer func() {
+		if err := restore(); err != nil {
+			t.Errorf("restore enable_uring: %v", err)
+		}
+	}()
+	daemonFlags = []string{"--io-uring", "on"}
+	defer func() { daemonFlags = nil }()
+
+	t.Run("RequestsGoOverTheRing", func(t *testing.T) {
+		sock := filepath.Join(t.TempDir(), "metrics.sock")
+		d := startDaemon(t, "--metrics", "unix:"+sock)
+		if !strings.Contains(d.log(), "FUSE over io_uring") {
+			t.Errorf("no word in the log of FUSE over io_uring:\n%s", d.log())
+		}
+		before := scrape(t, sock)["cdevfs_fuse_ring_requests_total"]
+		fd := openDev(t, d.path("tun3"))
+		d.configure("tun3")
+		if _, err := syscall.Write(fd, echoRequest("198.18.0.2", "198.18.0.1", 1, 8)); err != nil {
+			t.Fatalf("write echo request: %v", err)
+		}
+		syscall.Close(fd)
+		if after := scrape(t, sock)["cdevfs_fuse_ring_requests_total"]; after < before+3 {
+			t.Errorf("ring requests %v before a lookup, open and write, %v after; want at least 3 more", before, after)
+		}
+	})
+	for _, tc := range []struct {
+		name string
+		test func(*testing.T)
+	}{
+		{"ICMPEchoThroughNode", TestICMPEchoThroughNode},
+		{"ReadWriteEdges", TestReadWriteEdges},
+		{"CloneNodeGivesLowestFreeUnit", TestCloneNodeGivesLowestFreeUnit},
+		{"DestroyRevokesBlockedReader", TestDestroyRevokesBlockedReader},
+		{"InterruptedReadEnds", TestInterruptedReadEnds},
+		{"ShutdownRevokesAndCleansUp", TestShutdownRevokesAndCleansUp},
+		{"CachedEntryFollowsDestroy", TestCachedEntryFollowsDestroy},
+		{"PollWithTimeouts", TestPollWithTimeouts},
+		{"EdgeTriggeredEpollMissesNothing", TestEdgeTriggeredEpollMissesNothing},
+		{"RevokeWakesPoller", TestRevokeWakesPoller},
+		{"NonblockingReads", TestNonblockingReads},
+		{"TransientCloseRacingOpen", TestTransientCloseRacingOpen},
+		{"CrashRestartAdoptsOwnInterfaces", TestCrashRestartAdoptsOwnInterfaces},
+		{"SigtermWithManyHandlesIsQuick", TestSigtermWithManyHandlesIsQuick},
+	} {
+		t.Run(tc.name, tc.test)
+	}
+}
