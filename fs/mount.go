@@ -98,6 +98,7 @@ func mount(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 		return nil, err
 	}
 	t := newServer(dev, root, o)
+	t.dir = dir
 	m := &Mount{dir: dir, t: t}
 	if r, ok := root.(*Root); ok {
 		m.inval = newInvalidator(&r.Inode, o.Log)

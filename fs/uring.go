@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -103,6 +104,16 @@ type uringQueue struct {
 
 	mu   sync.Mutex
 	done []answer // guarded by mu
+
+	// Stranded requests (see kick): taken counts the requests of a reap;
+	// kicking says a round of kicks is under way; kickEnt is the entry
+	// that answered the round's last kick (-1 none) and kickGot says a
+	// request came to it after.
+	taken   int
+	kicking bool
+	kickEnt int
+	kickGot bool
+	kickc   chan struct{} // to the kicker: one LOOKUP of kickName
 }
 
 type entState uint8
@@ -127,10 +138,12 @@ func (t *transport) startURing() error {
 	s := &uringServer{t: t}
 	errs := make(chan error, nq)
 	for qid := range nq {
-		uq := &uringQueue{s: s, qid: qid, in: make([]byte, t.bufSize), efdBuf: make([]byte, 8)}
+		uq := &uringQueue{s: s, qid: qid, in: make([]byte, t.bufSize), efdBuf: make([]byte, 8),
+			kickEnt: -1, kickc: make(chan struct{}, 1)}
 		s.queues = append(s.queues, uq)
-		t.readers.Add(1)
+		t.readers.Add(2)
 		go uq.run(errs)
+		go uq.kicker(filepath.Join(t.dir, kickName))
 	}
 	t.uring.Store(s)
 	for range nq {
@@ -245,13 +258,83 @@ func (uq *uringQueue) run(started chan<- error) {
 			log.Error("FUSE io_uring queue", "queue", uq.qid, "err", err)
 			break
 		}
+		// Every command queued since the last enter was submitted by it,
+		// so the kernel held waiting entries then; a batch that took as
+		// many drained the queue for a while (see kick).
+		before := uq.waiting
+		uq.taken = 0
 		uq.q.Ring.Reap(uq.completed)
 		if uq.handedOff == 0 && (uq.stopping.Load() || uq.waiting == 0) {
 			break // asked to stop, or every entry is gone: the connection is
 		}
+		if uq.taken >= before && uq.handedOff > 0 && !uq.kicking {
+			uq.kicking, uq.kickEnt = true, -1
+			uq.kick()
+		}
 		uq.armWake()
 	}
+	close(uq.kickc)
 	uq.release(uq.waiting == 0)
+}
+
+// kickName is the name the kicker looks up: never a node, never cached
+// (negative entries are not), so each lookup is a request to the queue.
+const kickName = ".cdevfs-io-uring-kick"
+
+// A request the kernel puts on a queue with no entry waiting is kept in
+// the queue's list, and only COMMIT_AND_FETCH takes from that list: an
+// entry registered later does not (fuse_uring_do_register in
+// fs/fuse/dev_uring.c only adds it to the available ones). So once a
+// burst took every entry, and the entries all went to READs waiting for
+// packets, a request that came during the burst would wait until one of
+// those READs is answered: a deadlock if it is the write their packets
+// wait for. The queue adds entries as READs take them (handOff), but a
+// burst can still drain it between two reaps. Then a kick round runs:
+// the queue's kicker, a thread on the queue's CPU, looks up kickName,
+// which lands on the queue; answering it commits an entry, which fetches
+// one stranded request. Kicks go on while the last kick's entry got a
+// request after its commit (there may be more), and stop once one did
+// not.
+func (uq *uringQueue) kick() {
+	select {
+	case uq.kickc <- struct{}{}:
+	default:
+	}
+}
+
+// kicker sends the queue's kicks, from the queue's CPU.
+func (uq *uringQueue) kicker(path string) {
+	defer uq.s.t.readers.Done()
+	runtime.LockOSThread()
+	var set unix.CPUSet
+	set.Set(uq.qid)
+	_ = unix.SchedSetaffinity(0, &set)
+	var st unix.Stat_t
+	for range uq.kickc {
+		_ = unix.Lstat(path, &st) // ENOENT, from the queue
+	}
+}
+
+// isKick says whether entry e holds the kicker's lookup.
+func isKick(e *fuseuring.Entry) bool {
+	const opLookup = 1
+	n := e.PayloadSize()
+	return e.Op() == opLookup && binary.NativeEndian.Uint64(e.Hdr[16:]) == 1 && // the root
+		n == len(kickName)+1 && string(e.Pay[:n-1]) == kickName
+}
+
+// serveKick answers a kick, and sends the next one if the last one's
+// entry got a request (see kick).
+func (uq *uringQueue) serveKick(i int) {
+	e := uq.q.Ents[i]
+	again := uq.kicking && (uq.kickEnt < 0 || uq.kickGot)
+	uq.kickEnt, uq.kickGot = i, false
+	uq.commit(i, errorReply(e.Hdr, e.Out(), syscall.ENOENT))
+	if again {
+		uq.kick()
+	} else {
+		uq.kicking, uq.kickEnt = false, -1
+	}
 }
 
 // completed handles one completion.
@@ -266,6 +349,14 @@ func (uq *uringQueue) completed(ud uint64, res int32) {
 	case res == 0:
 		uq.waiting--
 		uq.state[i] = entServing
+		uq.taken++
+		if isKick(uq.q.Ents[i]) {
+			uq.serveKick(i)
+			return
+		}
+		if i == uq.kickEnt {
+			uq.kickGot = true
+		}
 		uq.serve(i)
 	case res == -int32(unix.EINTR) || res == -int32(unix.EAGAIN):
 		uq.q.Retry(i) // as libfuse does
