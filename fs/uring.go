@@ -244,6 +244,7 @@ func (uq *uringQueue) armWake() {
 // run is the queue's thread.
 func (uq *uringQueue) run(started chan<- error) {
 	defer uq.s.t.readers.Done()
+	defer close(uq.kickc) // ends the kicker, whatever ends the queue
 	// The ring's entries are filled in this thread's context, and the
 	// kernel's request for this CPU lands on this queue: the goroutine
 	// keeps the thread for good, and the thread ends with it.
@@ -279,7 +280,6 @@ func (uq *uringQueue) run(started chan<- error) {
 		}
 		uq.armWake()
 	}
-	close(uq.kickc)
 	uq.release(uq.waiting == 0)
 }
 
