@@ -135,6 +135,9 @@ const (
 // OnAdd builds the static children once the root is mounted, each with
 // the rules in force applied.
 func (r *Root) OnAdd(ctx context.Context) {
+	// Afresh each time: a mount that falls back from io_uring mounts the
+	// same root again.
+	r.statics = nil
 	// newEntry makes a static entry's attributes: the default mode,
 	// root:root, then the rules.
 	newEntry := func(name string, typ, mode uint32, size int) entry {

@@ -97,13 +97,16 @@ type uringQueue struct {
 
 	// efd wakes the thread: a handed-off request has its reply in done,
 	// or stop was asked. efdBuf is where the ring reads the count to.
+	// efd is written under mu, and closed under it (efdClosed): a late
+	// wake must not write to whatever fd reuses the number.
 	efd      int
 	efdBuf   []byte
 	efdArmed bool
 	stopping atomic.Bool
 
-	mu   sync.Mutex
-	done []answer // guarded by mu
+	mu        sync.Mutex
+	done      []answer // guarded by mu
+	efdClosed bool     // guarded by mu
 
 	// Stranded requests (see kick): low says the queue ran low on
 	// entries since the last kick; kicking, that a round of kicks is
@@ -141,7 +144,7 @@ func (t *transport) startURing() error {
 	errs := make(chan error, nq)
 	for qid := range nq {
 		uq := &uringQueue{s: s, qid: qid, in: make([]byte, t.bufSize), efdBuf: make([]byte, 8),
-			kickEnt: -1, kickc: make(chan struct{}, 1)}
+			efd: -1, kickEnt: -1, kickc: make(chan struct{}, 1)}
 		s.queues = append(s.queues, uq)
 		t.readers.Add(2)
 		go uq.run(errs)
@@ -169,6 +172,15 @@ func (s *uringServer) stop() {
 }
 
 func (uq *uringQueue) wake() {
+	uq.mu.Lock()
+	defer uq.mu.Unlock()
+	uq.wakeLocked()
+}
+
+func (uq *uringQueue) wakeLocked() {
+	if uq.efdClosed || uq.efd < 0 {
+		return
+	}
 	var one [8]byte
 	binary.NativeEndian.PutUint64(one[:], 1)
 	_, _ = unix.Write(uq.efd, one[:]) // a full counter (2^64-2) already wakes
@@ -211,13 +223,19 @@ func (uq *uringQueue) setup() error {
 	}
 	// A REGISTER the kernel refuses completes at once; one it takes
 	// completes when a request comes.
+	// Once the last queue registers, the requests the kernel held since
+	// INIT are sent: one may be here already, and is served.
 	var rerr error
 	uq.q.Ring.Reap(func(ud uint64, res int32) {
-		if ud != eventUserData && res < 0 && rerr == nil {
-			rerr = fmt.Errorf("FUSE_IO_URING_CMD_REGISTER, queue %d: %w", uq.qid, syscall.Errno(-res))
-		}
-		if ud == eventUserData {
-			uq.efdArmed = false
+		switch {
+		case ud == eventUserData:
+			uq.completed(ud, res)
+		case res < 0 && res != -int32(unix.EINTR) && res != -int32(unix.EAGAIN):
+			if rerr == nil {
+				rerr = fmt.Errorf("FUSE_IO_URING_CMD_REGISTER, queue %d: %w", uq.qid, syscall.Errno(-res))
+			}
+		default:
+			uq.completed(ud, res)
 		}
 	})
 	return rerr
@@ -280,7 +298,9 @@ func (uq *uringQueue) run(started chan<- error) {
 		}
 		uq.armWake()
 	}
-	uq.release(uq.waiting == 0)
+	// The entries are freed only if the kernel gave every one back and no
+	// goroutine still writes a reply into one.
+	uq.release(uq.waiting == 0 && uq.handedOff == 0)
 }
 
 // kickName is the name the kicker looks up: never a node, never cached
@@ -427,8 +447,8 @@ func (uq *uringQueue) handOff(i int, in []byte) {
 		t.bufs.Put(bp)
 		uq.mu.Lock()
 		uq.done = append(uq.done, answer{i, n})
+		uq.wakeLocked()
 		uq.mu.Unlock()
-		uq.wake()
 	}()
 	if uq.waiting < ringMinWaiting {
 		// The kernel may have run out of entries before it sees the new
@@ -466,9 +486,12 @@ func (uq *uringQueue) release(clean bool) {
 			uq.q.FreeEntries()
 		}
 	}
-	if uq.efd > 0 {
+	uq.mu.Lock()
+	if !uq.efdClosed && uq.efd >= 0 {
 		unix.Close(uq.efd)
 	}
+	uq.efdClosed = true
+	uq.mu.Unlock()
 }
 
 // probeURing checks, before a mount asks the kernel for FUSE over

@@ -191,3 +191,36 @@ func TestURingModes(t *testing.T) {
 		t.Errorf("auto with enable_uring=Y: %v; want a mount over io_uring", err)
 	}
 }
+
+// TestRemountSameRootListsOnce: auto mode's fallback mounts the same root
+// a second time (when the io_uring queues fail after INIT); its listing
+// must not show the static nodes twice.
+func TestRemountSameRootListsOnce(t *testing.T) {
+	requireFuse(t)
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	reg := devnode.NewRegistry()
+	defer reg.Shutdown(context.Background(), nil)
+	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, quiet)
+	for round := range 2 {
+		dir := t.TempDir()
+		m, err := New(dir, root, MountOptions{Log: quiet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		names, err := os.ReadDir(dir)
+		if err := m.Unmount(); err != nil {
+			t.Error(err)
+		}
+		m.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[string]bool{}
+		for _, e := range names {
+			if seen[e.Name()] {
+				t.Errorf("mount %d of the same root lists %s twice", round+1, e.Name())
+			}
+			seen[e.Name()] = true
+		}
+	}
+}
