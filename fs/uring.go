@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -82,18 +81,17 @@ type uringServer struct {
 	served atomic.Uint64 // requests answered through a ring
 }
 
-// uringQueue is one queue. Its thread owns q, in, state and the counts;
-// mu guards done, which handoff goroutines append to.
+// uringQueue is one queue. Its thread owns q, in and the counts; mu
+// guards done, which handoff goroutines append to.
 type uringQueue struct {
 	s   *uringServer
 	qid int
 	q   *fuseuring.Queue
 	in  []byte // a request as read(2) would give it, rebuilt here
 
-	state     []entState
 	waiting   int          // entries the kernel holds, waiting for a request
 	handedOff int          // entries whose request a goroutine serves
-	entries   atomic.Int32 // len(state), for readers outside the thread
+	entries   atomic.Int32 // len(q.Ents), for readers outside the thread
 
 	// efd wakes the thread: a handed-off request has its reply in done,
 	// or stop was asked. efdBuf is where the ring reads the count to.
@@ -120,14 +118,6 @@ type uringQueue struct {
 	kicks    atomic.Int32  // kicks answered, for tests
 	kickc    chan struct{} // to the kicker: one LOOKUP of kickName
 }
-
-type entState uint8
-
-const (
-	entInKernel entState = iota // registered or committed, waiting for a request
-	entServing                  // its request is being served
-	entGone                     // the kernel completed it for good (connection torn down)
-)
 
 // answer is a handed-off request's reply, n bytes in its entry's Out.
 type answer struct{ i, n int }
@@ -189,9 +179,6 @@ func (uq *uringQueue) wakeLocked() {
 // setup makes the queue's eventfd, ring and first entries, registering
 // them: on the thread that will serve them, pinned to the queue's CPU.
 func (uq *uringQueue) setup() error {
-	var set unix.CPUSet
-	set.Set(uq.qid)
-	_ = unix.SchedSetaffinity(0, &set) // an offline CPU: serve its queue from anywhere
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("eventfd: %w", err)
@@ -222,21 +209,18 @@ func (uq *uringQueue) setup() error {
 		return err
 	}
 	// A REGISTER the kernel refuses completes at once; one it takes
-	// completes when a request comes.
-	// Once the last queue registers, the requests the kernel held since
-	// INIT are sent: one may be here already, and is served.
+	// completes when a request comes. Once the last queue registers, the
+	// requests the kernel held since INIT are sent: one may be here
+	// already, and is served.
 	var rerr error
 	uq.q.Ring.Reap(func(ud uint64, res int32) {
-		switch {
-		case ud == eventUserData:
-			uq.completed(ud, res)
-		case res < 0 && res != -int32(unix.EINTR) && res != -int32(unix.EAGAIN):
+		if ud != eventUserData && res < 0 && res != -int32(unix.EINTR) && res != -int32(unix.EAGAIN) {
 			if rerr == nil {
 				rerr = fmt.Errorf("FUSE_IO_URING_CMD_REGISTER, queue %d: %w", uq.qid, syscall.Errno(-res))
 			}
-		default:
-			uq.completed(ud, res)
+			return
 		}
+		uq.completed(ud, res)
 	})
 	return rerr
 }
@@ -246,7 +230,6 @@ func (uq *uringQueue) addEntry() error {
 	if err != nil {
 		return err
 	}
-	uq.state = append(uq.state, entInKernel)
 	uq.waiting++
 	uq.entries.Store(int32(i + 1))
 	return nil
@@ -263,10 +246,7 @@ func (uq *uringQueue) armWake() {
 func (uq *uringQueue) run(started chan<- error) {
 	defer uq.s.t.readers.Done()
 	defer close(uq.kickc) // ends the kicker, whatever ends the queue
-	// The ring's entries are filled in this thread's context, and the
-	// kernel's request for this CPU lands on this queue: the goroutine
-	// keeps the thread for good, and the thread ends with it.
-	runtime.LockOSThread()
+	fuseuring.PinThread(uq.qid)
 	err := uq.setup()
 	started <- err
 	if err != nil {
@@ -336,10 +316,7 @@ func (uq *uringQueue) kick() {
 // kicker sends the queue's kicks, from the queue's CPU.
 func (uq *uringQueue) kicker(path string) {
 	defer uq.s.t.readers.Done()
-	runtime.LockOSThread()
-	var set unix.CPUSet
-	set.Set(uq.qid)
-	_ = unix.SchedSetaffinity(0, &set)
+	fuseuring.PinThread(uq.qid)
 	var st unix.Stat_t
 	for range uq.kickc {
 		_ = unix.Lstat(path, &st) // ENOENT, from the queue
@@ -380,7 +357,6 @@ func (uq *uringQueue) completed(ud uint64, res int32) {
 	switch {
 	case res == 0:
 		uq.waiting--
-		uq.state[i] = entServing
 		if isKick(uq.q.Ents[i]) {
 			uq.serveKick(i)
 			return
@@ -398,7 +374,6 @@ func (uq *uringQueue) completed(ud uint64, res int32) {
 			uq.s.t.log.Debug("FUSE io_uring entry ended", "queue", uq.qid, "err", syscall.Errno(-res))
 		}
 		uq.waiting--
-		uq.state[i] = entGone
 	}
 }
 
@@ -425,7 +400,6 @@ func (uq *uringQueue) commit(i, n int) {
 		n = errorReply(uq.q.Ents[i].Hdr, uq.q.Ents[i].Out(), syscall.EIO)
 	}
 	uq.q.Commit(i, n)
-	uq.state[i] = entInKernel
 	uq.waiting++
 	uq.s.served.Add(1)
 	uq.s.t.metrics.RingRequest()
@@ -455,7 +429,7 @@ func (uq *uringQueue) handOff(i int, in []byte) {
 		// one: a request may be stranded (kick).
 		uq.low = true
 		if err := uq.addEntry(); err != nil {
-			t.log.Error("FUSE io_uring queue cannot grow", "queue", uq.qid, "entries", len(uq.state), "err", err)
+			t.log.Error("FUSE io_uring queue cannot grow", "queue", uq.qid, "entries", len(uq.q.Ents), "err", err)
 		}
 	}
 }

@@ -22,7 +22,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"time"
 
 	"github.com/cdevfs/cdevfs/internal/fuseuring"
@@ -242,10 +241,7 @@ func uringServe(args []string) int {
 	errs, ended := make(chan error, nq), make(chan struct{}, nq)
 	for qid := range nq {
 		go func() {
-			runtime.LockOSThread() // for ever: the ring is this thread's
-			var set unix.CPUSet
-			set.Set(qid)
-			_ = unix.SchedSetaffinity(0, &set) // an offline CPU: serve it from anywhere
+			fuseuring.PinThread(qid) // for ever: the ring is this thread's
 			q, err := newUringQueue(qid, ffd, tfd)
 			if err == nil {
 				err = q.register()

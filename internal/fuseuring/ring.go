@@ -43,6 +43,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -50,6 +51,18 @@ import (
 
 	"golang.org/x/sys/unix"
 )
+
+// PinThread locks the calling goroutine to its thread for good (the
+// thread ends with it) and pins the thread to cpu: a queue's ring is
+// filled in the context of the thread that submitted its commands, and
+// the kernel puts a request on the queue of its sender's CPU. An offline
+// CPU's queue is then served from anywhere.
+func PinThread(cpu int) {
+	runtime.LockOSThread()
+	var set unix.CPUSet
+	set.Set(cpu)
+	_ = unix.SchedSetaffinity(0, &set)
+}
 
 // EnableParam is the fuse module parameter that allows FUSE over io_uring.
 const EnableParam = "/sys/module/fuse/parameters/enable_uring"
