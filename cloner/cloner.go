@@ -303,9 +303,10 @@ type device struct {
 }
 
 var (
-	_ devnode.Device = (*device)(nil)
-	_ devnode.IO     = (*device)(nil)
-	_ devnode.Poller = (*device)(nil)
+	_ devnode.Device     = (*device)(nil)
+	_ devnode.IO         = (*device)(nil)
+	_ devnode.Poller     = (*device)(nil)
+	_ devnode.ReadWaiter = (*device)(nil)
 )
 
 func (d *device) Open(ctx context.Context) error {
@@ -392,6 +393,16 @@ func (d *device) Poll(wake func()) uint32 {
 		rev |= unix.POLLIN | pollRdNorm
 	}
 	return rev
+}
+
+// ReadFD implements devnode.ReadWaiter: the tun fd, which a packet makes
+// readable (in TUNSIFHEAD mode too: readHead reads the same fd), for a
+// link that has one (the Linux backend's).
+func (d *device) ReadFD() int {
+	if w, ok := d.link.(interface{ ReadFD() int }); ok {
+		return w.ReadFD()
+	}
+	return -1
 }
 
 func (d *device) Read(ctx context.Context, p []byte, nonblock bool) (int, error) {

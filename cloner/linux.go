@@ -593,6 +593,13 @@ func (l *linuxLink) readOnce(p []byte) (int, error) {
 	return n, nil
 }
 
+// ReadFD is the attached tun fd, -1 while detached (device.ReadFD).
+func (l *linuxLink) ReadFD() int {
+	l.ioMu.RLock()
+	defer l.ioMu.RUnlock()
+	return l.fd
+}
+
 // detachedErr is the error of an I/O on a link without an fd.
 func (l *linuxLink) detachedErr() error {
 	select {

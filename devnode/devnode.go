@@ -73,6 +73,19 @@ type Poller interface {
 	Poll(wake func()) uint32
 }
 
+// ReadWaiter is implemented by devices whose blocking Read waits for one
+// file descriptor to turn readable. ReadFD returns it (-1 if there is
+// none): a caller that is in flight (between Enter and Exit) on an open
+// node may wait for it itself, with poll(2) or io_uring, and then Read
+// with nonblock set, instead of blocking a thread in Read. The fd stays
+// open while the node is open and the caller in flight (the device is
+// closed only by the last close, released only after a drain); the
+// caller must not close it. A wait that outlives a revoke is the caller's
+// to end: the registry's revoke hook says when (SetRevokeHook).
+type ReadWaiter interface {
+	ReadFD() int
+}
+
 // Flags is a node's state. All of it lives in Node.flags under Node.mu.
 type Flags uint32
 
@@ -376,8 +389,20 @@ func (n *Node) Destroy(ctx context.Context) error {
 
 // revokeDrain wakes blocked operations and waits for in-flight ones.
 func (n *Node) revokeDrain(ctx context.Context) error {
-	n.dev.Revoke()
+	n.revoke()
 	return n.drain(ctx)
+}
+
+// revoke wakes the operations blocked in the device, then tells the
+// revoke hook, for the waits outside it (ReadWaiter).
+func (n *Node) revoke() {
+	n.dev.Revoke()
+	n.reg.mu.Lock()
+	f := n.reg.revokeHook
+	n.reg.mu.Unlock()
+	if f != nil {
+		f(n)
+	}
 }
 
 // finish ends a drained destroy: unlink, destroy the backing object, mark
@@ -454,6 +479,10 @@ type Registry struct {
 	// destroyHook runs before a node's backing object is destroyed (tests
 	// hold it to widen race windows).
 	destroyHook func(*Node)
+	// revokeHook is told each node right after its device is revoked,
+	// before the drain waits (SetRevokeHook). Guarded by mu; called
+	// without it.
+	revokeHook func(*Node)
 
 	// policy sets a new node's attributes before it is published (devfs
 	// rules, devfs_rules_apply in FreeBSD's devfs_populate). Guarded by mu.
@@ -482,6 +511,18 @@ func NewRegistry() *Registry {
 // SetDestroyHook installs a function run in every destroy after the drain
 // and before the backing object is destroyed. For tests.
 func (r *Registry) SetDestroyHook(f func(*Node)) { r.destroyHook = f }
+
+// SetRevokeHook installs f, called with every node right after its
+// device is revoked (Device.Revoke) and before the destroy waits for its
+// in-flight operations: whoever waits for a device on a node's behalf
+// outside Device.Read (ReadWaiter) must end that wait when told, or the
+// drain waits for ever. f must not block; it runs in the destroying
+// goroutine.
+func (r *Registry) SetRevokeHook(f func(*Node)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.revokeHook = f
+}
 
 // SetAttrPolicy installs f, which sets the attributes of every node
 // made from now on before its name is published, so no caller ever sees
@@ -720,7 +761,7 @@ func (r *Registry) Shutdown(ctx context.Context, between func()) {
 	var mine, others []*Node
 	for _, n := range nodes {
 		if n.markDying(Cause{Reason: ReasonShutdown}) {
-			n.dev.Revoke()
+			n.revoke()
 			mine = append(mine, n)
 		} else {
 			others = append(others, n)

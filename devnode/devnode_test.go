@@ -991,3 +991,48 @@ func TestUnlinkHookAndLinked(t *testing.T) {
 		t.Fatalf("unlink hook heard %q after Shutdown, want the second tun2 too", heard)
 	}
 }
+
+// The revoke hook is how a wait held outside Device.Read (ReadWaiter: the
+// io_uring transport parks a READ on the device's fd) learns of a revoke:
+// it must run after the node is dying and before the drain waits, in
+// Destroy and in Shutdown alike, so that an operation it ends lets the
+// drain finish. Here the in-flight operation's only way out is the hook.
+func TestRevokeHookEndsWaitBeforeDrain(t *testing.T) {
+	for _, how := range []string{"Destroy", "Shutdown"} {
+		t.Run(how, func(t *testing.T) {
+			e := newEnv(t)
+			n := e.lookup(t, "tun0")
+			exit := enter(t, n)
+			defer exit()
+			heard := make(chan devnode.Flags, 4)
+			e.reg.SetRevokeHook(func(r *devnode.Node) {
+				if r == n {
+					heard <- r.Flags()
+					exit() // what a parked wait does once told
+				}
+			})
+			var done <-chan error
+			if how == "Destroy" {
+				done = async(func() error { return n.Destroy(context.Background()) })
+			} else {
+				done = async(func() error { e.shutdown(nil); return nil })
+			}
+			select {
+			case f := <-heard:
+				if f&devnode.FlagDying == 0 {
+					t.Errorf("revoke hook ran with flags %b, want FlagDying set (no new operation may start)", f)
+				}
+			case <-time.After(waitLong):
+				t.Fatalf("%s never called the revoke hook with an operation in flight", how)
+			}
+			if err := recv(t, done, how+" after the hook ended the operation"); err != nil {
+				t.Fatalf("%s = %v, want nil", how, err)
+			}
+			if len(heard) != 0 {
+				t.Errorf("revoke hook called %d more times for one node, want once", len(heard))
+			}
+			n.Rel()
+			e.finish(t)
+		})
+	}
+}
