@@ -115,6 +115,7 @@ const (
 	ioringEnterGetEv   = 1 << 0
 	ioringRegFiles     = 2
 	ioringOpPollAdd    = 6
+	ioringOpPollRemove = 7
 	ioringOpRead       = 22
 	ioringOpURingCmd   = 46
 	iosqeFixedFile     = 1 << 0
@@ -246,6 +247,18 @@ func (r *Ring) PollAdd(fd int, events uint32, userData uint64) {
 	s[0] = ioringOpPollAdd
 	ne.PutUint32(s[4:], uint32(fd))
 	ne.PutUint32(s[28:], events) // poll32_events
+	ne.PutUint64(s[32:], userData)
+}
+
+// PollRemove queues the removal of the poll queued with target as its
+// user data; the poll then completes with ECANCELED (or has completed
+// already: the removal then fails with ENOENT).
+func (r *Ring) PollRemove(target, userData uint64) {
+	s := r.sqe()
+	ne := binary.NativeEndian
+	s[0] = ioringOpPollRemove
+	ne.PutUint32(s[4:], ^uint32(0)) // fd: -1
+	ne.PutUint64(s[16:], target)    // addr: the poll's user data
 	ne.PutUint64(s[32:], userData)
 }
 
