@@ -143,6 +143,7 @@ func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 		r.notifyPoll = func(kh uint64) { t.PollNotify(kh) }
 		r.fhs = &t.fhs
 		r.metrics = o.Metrics
+		r.tr.Store(t)
 	}
 	t.fast = !o.Debug
 	zero, cached := time.Duration(0), cacheTimeout

@@ -181,6 +181,9 @@ func (t *transport) serve(in, out []byte, mayBlock bool) (n int, blocked bool) {
 		binary.NativeEndian.PutUint64(in[48:], uint64(binary.NativeEndian.Uint32(in[72:])))
 	}
 	switch {
+	case op == opInterrupt && len(in) >= inHeaderLen+8 && t.uring.Load().interrupt(binary.NativeEndian.Uint64(in[40:])):
+		// A READ parked on a ring (uring.go): its queue answers it with
+		// EINTR. An INTERRUPT has no reply.
 	case op == opPoll:
 		n = t.poll(in, out)
 	case op >= opSetxattr && op <= opRemovexattr:
@@ -221,17 +224,8 @@ func (t *transport) fastPath(op uint32, in, out []byte) (n int, ok bool) {
 		if h == nil || 16+size > len(out) {
 			return 0, false
 		}
-		m, e, wait := h.readNow(out[16:16+size], ne.Uint32(in[72:])&syscall.O_NONBLOCK != 0)
-		if wait {
-			return 0, false
-		}
-		if e != 0 {
-			return errorReply(in, out, e), true
-		}
-		ne.PutUint32(out[0:], uint32(16+m))
-		ne.PutUint32(out[4:], 0)
-		copy(out[8:16], in[8:16])
-		return 16 + m, true
+		n, wait := readReply(h, in, out, size, ne.Uint32(in[72:])&syscall.O_NONBLOCK != 0)
+		return n, !wait
 	case op == opWrite && len(in) >= writeInLen:
 		h := t.fhs.get(ne.Uint64(in[40:]))
 		size := int(ne.Uint32(in[56:]))
@@ -261,6 +255,25 @@ func (t *transport) fastPath(op uint32, in, out []byte) (n int, ok bool) {
 		}
 	}
 	return 0, false
+}
+
+// readReply answers a READ of size bytes on device handle h: one packet
+// straight into out's body, or the error; in gives the unique (in[8:16]).
+// wait says no packet is queued and a blocking READ must wait: nothing
+// was built. It allocates nothing.
+func readReply(h *handle, in, out []byte, size int, nonblock bool) (n int, wait bool) {
+	m, e, wait := h.readNow(out[16:16+size], nonblock)
+	switch {
+	case wait:
+		return 0, true
+	case e != 0:
+		return errorReply(in, out, e), false
+	}
+	ne := binary.NativeEndian
+	ne.PutUint32(out[0:], uint32(16+m))
+	ne.PutUint32(out[4:], 0)
+	copy(out[8:16], in[8:16])
+	return 16 + m, false
 }
 
 // identify asks go-fuse which file handle it registered under fh for the

@@ -40,6 +40,10 @@ type Root struct {
 	fhs *fhTable
 	// metrics counts opens, packets and errors; set by New (nil: none).
 	metrics *metrics.Metrics
+	// tr is the transport serving the tree (set by New before serving, and
+	// again by a remount): the registry's revoke hook tells it, from any
+	// goroutine, so that READs it parks outside the device end (uring.go).
+	tr atomic.Pointer[transport]
 	// inval pushes cache invalidations to the kernel; set by New once
 	// mounted (nil before: nothing is cached yet). The registry's unlink
 	// hook reads it from any goroutine.
@@ -66,6 +70,13 @@ func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool
 	reg.SetAttrPolicy(func(name string, a *devnode.Attr) { applyRules(r.rules.Load(), name, a) })
 	// A destroyed name must not outlive its node in the kernel's cache.
 	reg.SetUnlinkHook(func(name string) { r.inval.Load().entry(name) })
+	// A READ parked on a ring waits outside the device: a revoke must end
+	// it, or the destroy's drain waits for ever.
+	reg.SetRevokeHook(func(n *devnode.Node) {
+		if t := r.tr.Load(); t != nil {
+			t.uring.Load().revoked(n)
+		}
+	})
 	return r
 }
 

@@ -8,7 +8,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
+	"github.com/cdevfs/cdevfs/devnode"
 	"github.com/cdevfs/cdevfs/internal/fuseuring"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
@@ -64,15 +66,34 @@ const (
 	ringEntries    = 8
 	ringMinWaiting = 2
 	ringSQSize     = 64 // commands submitted at once, not an entry bound
-	eventUserData  = 1 << 63
 )
+
+// User data of the ring's operations: an entry's command carries its
+// index; a parked READ's poll pollTag, the park's generation and the
+// entry's index (a completion of an earlier park is then told apart);
+// a poll's removal removeTag (its completion says nothing).
+const (
+	eventUserData = 1 << 63
+	pollTag       = 1 << 62
+	removeTag     = 1 << 61
+)
+
+// genMask keeps a park's generation clear of the tags.
+const genMask = 1<<24 - 1
+
+func pollUserData(i int, gen uint32) uint64 {
+	return pollTag | uint64(gen&genMask)<<32 | uint64(uint32(i))
+}
 
 // uringServer carries the transport's requests over one FUSE queue per
 // possible CPU, each served by a thread of its own pinned to its CPU.
-// A request is served on its queue's thread, except a READ that must wait
-// for a packet (or any READ the fast path does not take): that is handed
-// to a goroutine, as the classic loop hands it to a reader of its own,
-// so that the queue goes on serving the write that will bring the packet.
+// A request is served on its queue's thread. A READ of a device that must
+// wait for a packet is parked (park): the queue polls the device's fd in
+// its own ring and answers the READ when the fd turns readable, so the
+// queue goes on serving the write that will bring the packet, and no
+// other thread is woken on the way. Any other READ the fast path does not
+// take is handed to a goroutine, as the classic loop hands it to a reader
+// of its own.
 // /dev/fuse keeps its classic readers: FORGET and INTERRUPT still come
 // over read(2), and so does everything before the ring is ready.
 type uringServer struct {
@@ -81,8 +102,9 @@ type uringServer struct {
 	served atomic.Uint64 // requests answered through a ring
 }
 
-// uringQueue is one queue. Its thread owns q, in and the counts; mu
-// guards done, which handoff goroutines append to.
+// uringQueue is one queue. Its thread owns q, in, parks and the counts;
+// mu guards done, which handoff goroutines append to, notes, and the
+// uniques of parks (which interrupt scans from a reader goroutine).
 type uringQueue struct {
 	s   *uringServer
 	qid int
@@ -91,7 +113,11 @@ type uringQueue struct {
 
 	waiting   int          // entries the kernel holds, waiting for a request
 	handedOff int          // entries whose request a goroutine serves
+	nParked   int          // entries whose READ is parked
 	entries   atomic.Int32 // len(q.Ents), for readers outside the thread
+
+	// parks[i] is entry i's parked READ, if any (park).
+	parks []parkedRead
 
 	// efd wakes the thread: a handed-off request has its reply in done,
 	// or stop was asked. efdBuf is where the ring reads the count to.
@@ -104,6 +130,7 @@ type uringQueue struct {
 
 	mu        sync.Mutex
 	done      []answer // guarded by mu
+	notes     []note   // guarded by mu
 	efdClosed bool     // guarded by mu
 
 	// Stranded requests (see kick): low says the queue ran low on
@@ -111,6 +138,7 @@ type uringQueue struct {
 	// under way; kickEnt is the entry that answered the round's last
 	// kick (-1 none) and kickGot says a request came to it after.
 	low      bool
+	torn     bool // the kernel ended an entry with ENOTCONN: the connection is gone
 	kicking  bool
 	kickEnt  int
 	kickGot  bool
@@ -121,6 +149,29 @@ type uringQueue struct {
 
 // answer is a handed-off request's reply, n bytes in its entry's Out.
 type answer struct{ i, n int }
+
+// note tells a queue of an INTERRUPT for a parked READ (unique), or of a
+// revoked node (node), whose parked READs must end.
+type note struct {
+	unique uint64
+	node   *devnode.Node
+}
+
+// parkedRead is a READ waiting in the ring for its device's fd. The
+// queue's thread owns it; the slice and unique are written under the
+// queue's mu (interrupt reads them). While
+// parked it is an in-flight operation of its node (Enter), as a blocked
+// Read would be, so a destroy's drain waits for it; the revoke hook ends
+// it (revoked).
+type parkedRead struct {
+	h      *handle
+	fd     int
+	size   int
+	gen    uint32 // bumped by every park and unpark: tells stale polls
+	armed  bool   // a poll of fd is in the ring
+	unique uint64 // the READ's, 0 when none is parked; written under mu
+	start  time.Time
+}
 
 // startURing starts the queues after INIT was answered with
 // FUSE_OVER_IO_URING, and returns once every queue has registered its
@@ -260,10 +311,19 @@ func (uq *uringQueue) run(started chan<- error) {
 			break
 		}
 		uq.q.Ring.Reap(uq.completed)
-		if uq.handedOff == 0 && (uq.stopping.Load() || uq.waiting == 0) {
+		if uq.stopping.Load() && uq.nParked > 0 {
+			// After the registry's shutdown has revoked every node (the
+			// daemon's close order) none is left; in a test's lazy
+			// unmount there may be: the device is going away.
+			uq.unparkAll(syscall.ENXIO)
+			if err := uq.q.Ring.Enter(false); err != nil {
+				log.Error("FUSE io_uring queue", "queue", uq.qid, "err", err)
+			}
+		}
+		if uq.handedOff == 0 && (uq.stopping.Load() || uq.waiting == 0 && (uq.nParked == 0 || uq.torn)) {
 			break // asked to stop, or every entry is gone: the connection is
 		}
-		if uq.low && !uq.kicking && uq.handedOff > 0 {
+		if uq.low && !uq.kicking && uq.handedOff+uq.nParked > 0 {
 			uq.kicking, uq.kickEnt, uq.kickNext = true, -1, true
 		}
 		if uq.kickNext {
@@ -278,6 +338,9 @@ func (uq *uringQueue) run(started chan<- error) {
 		}
 		uq.armWake()
 	}
+	// A READ still parked belongs to a connection that is gone: it only
+	// holds its node in flight.
+	uq.dropParks()
 	// The entries are freed only if the kernel gave every one back and no
 	// goroutine still writes a reply into one.
 	uq.release(uq.waiting == 0 && uq.handedOff == 0)
@@ -348,9 +411,16 @@ func (uq *uringQueue) serveKick(i int) {
 
 // completed handles one completion.
 func (uq *uringQueue) completed(ud uint64, res int32) {
-	if ud == eventUserData {
+	switch {
+	case ud == eventUserData:
 		uq.efdArmed = false
 		uq.commitAnswers()
+		uq.readNotes()
+		return
+	case ud&pollTag != 0:
+		uq.polled(int(uint32(ud)), uint32(ud>>32)&genMask, res)
+		return
+	case ud&removeTag != 0:
 		return
 	}
 	i := int(ud)
@@ -372,6 +442,8 @@ func (uq *uringQueue) completed(ud uint64, res int32) {
 		// the kernel gives the entry back for good.
 		if res != -int32(unix.ENOTCONN) {
 			uq.s.t.log.Debug("FUSE io_uring entry ended", "queue", uq.qid, "err", syscall.Errno(-res))
+		} else {
+			uq.torn = true
 		}
 		uq.waiting--
 	}
@@ -388,11 +460,12 @@ func (uq *uringQueue) serve(i int) {
 		return
 	}
 	n, blocked := t.serve(in, e.Out(), false)
-	if blocked {
+	switch {
+	case !blocked:
+		uq.commit(i, n)
+	case !uq.park(i, in):
 		uq.handOff(i, in)
-		return
 	}
-	uq.commit(i, n)
 }
 
 func (uq *uringQueue) commit(i, n int) {
@@ -424,6 +497,13 @@ func (uq *uringQueue) handOff(i int, in []byte) {
 		uq.wakeLocked()
 		uq.mu.Unlock()
 	}()
+	uq.grow()
+}
+
+// grow adds an entry if too few are left waiting, now that entry i is
+// held (handed off or parked) for as long as its READ waits.
+func (uq *uringQueue) grow() {
+	t := uq.s.t
 	if uq.waiting < ringMinWaiting {
 		// The kernel may have run out of entries before it sees the new
 		// one: a request may be stranded (kick).
@@ -500,3 +580,217 @@ func initAsksURing(out []byte) bool {
 }
 
 var errNoURing = errors.New("the kernel does not offer FUSE over io_uring")
+
+// park parks the blocking READ in entry i (in is its request) if its
+// file is a device handle whose device has an fd to wait for
+// (devnode.ReadWaiter): a poll of the fd goes into the ring, and polled
+// answers the READ once a packet is there. The READ is an in-flight
+// operation of its node while parked. It reports false if the READ is
+// not for parking (go-fuse's Read serves it, on a goroutine).
+func (uq *uringQueue) park(i int, in []byte) bool {
+	t := uq.s.t
+	if !t.fast || len(in) < readInLen {
+		return false
+	}
+	ne := binary.NativeEndian
+	h := t.fhs.get(ne.Uint64(in[40:]))
+	size := int(ne.Uint32(in[56:]))
+	if h == nil || 16+size > len(uq.q.Ents[i].Out()) {
+		return false
+	}
+	w, ok := h.node.Device().(devnode.ReadWaiter)
+	if !ok {
+		return false
+	}
+	if h.node.Enter() != nil {
+		return false // dying: Read answers ENXIO
+	}
+	fd := w.ReadFD()
+	if fd < 0 {
+		h.node.Exit()
+		return false
+	}
+	uq.mu.Lock() // interrupt reads parks
+	for len(uq.parks) <= i {
+		uq.parks = append(uq.parks, parkedRead{})
+	}
+	p := &uq.parks[i]
+	p.gen++
+	p.h, p.fd, p.size, p.start = h, fd, size, time.Now()
+	p.unique = ne.Uint64(in[8:])
+	uq.mu.Unlock()
+	uq.nParked++
+	t.metrics.RingParked()
+	uq.arm(i)
+	uq.grow()
+	return true
+}
+
+// arm queues the poll of parked entry i's fd. A packet queued before the
+// poll is armed is not missed: the poll checks readiness as it arms.
+func (uq *uringQueue) arm(i int) {
+	p := &uq.parks[i]
+	p.armed = true
+	uq.q.Ring.PollAdd(p.fd, unix.POLLIN, pollUserData(i, p.gen))
+}
+
+// polled handles the completion of parked entry i's poll (res: revents,
+// or an error): a packet, or the error that ends the READ (an interface
+// deleted: POLLERR), is read into the entry's reply; a wake that found
+// no packet (another reader took it) polls again.
+func (uq *uringQueue) polled(i int, gen uint32, res int32) {
+	if i >= len(uq.parks) || uq.parks[i].h == nil || uq.parks[i].gen&genMask != gen {
+		return // a park that has ended since (its poll was removed)
+	}
+	p := &uq.parks[i]
+	p.armed = false
+	if res < 0 {
+		// The fd cannot be polled: serve the READ as the classic loop
+		// does (it blocks in the device's Read, on a goroutine).
+		uq.s.t.log.Debug("FUSE io_uring: parked READ's poll failed", "queue", uq.qid, "err", syscall.Errno(-res))
+		e := uq.q.Ents[i]
+		uq.unpark(i)
+		in, err := e.Request(uq.in)
+		if err != nil {
+			uq.commit(i, errorReply(e.Hdr, e.Out(), syscall.EIO))
+			return
+		}
+		uq.handOff(i, in)
+		return
+	}
+	uq.retry(i)
+}
+
+// retry reads for parked entry i: its reply is committed, unless there is
+// still no packet (then it polls again).
+func (uq *uringQueue) retry(i int) {
+	p := &uq.parks[i]
+	e := uq.q.Ents[i]
+	n, wait := readReply(p.h, e.Hdr, e.Out(), p.size, false)
+	if wait {
+		if !p.armed {
+			uq.arm(i)
+		}
+		return
+	}
+	uq.answerParked(i, n)
+}
+
+// answerParked ends parked entry i's READ with the reply built in its Out
+// (n bytes), removing its poll if one is in the ring.
+func (uq *uringQueue) answerParked(i, n int) {
+	start := uq.parks[i].start
+	uq.unpark(i)
+	uq.s.t.metrics.Request(opRead, start)
+	uq.commit(i, n)
+}
+
+// unpark ends entry i's park: the poll, if armed, is removed; the node's
+// in-flight operation ends.
+func (uq *uringQueue) unpark(i int) {
+	p := &uq.parks[i]
+	if p.armed {
+		uq.q.Ring.PollRemove(pollUserData(i, p.gen), removeTag)
+	}
+	p.h.node.Exit()
+	uq.mu.Lock()
+	*p = parkedRead{gen: p.gen + 1}
+	uq.mu.Unlock()
+	uq.nParked--
+}
+
+// unparkAll answers every parked READ with errno.
+func (uq *uringQueue) unparkAll(errno syscall.Errno) {
+	for i := range uq.parks {
+		if uq.parks[i].h != nil {
+			e := uq.q.Ents[i]
+			uq.answerParked(i, errorReply(e.Hdr, e.Out(), errno))
+		}
+	}
+}
+
+// dropParks ends the parks of a queue that stops: no reply can go
+// anywhere, but each held its node in flight.
+func (uq *uringQueue) dropParks() {
+	for i := range uq.parks {
+		if uq.parks[i].h != nil {
+			uq.unpark(i)
+		}
+	}
+}
+
+// readNotes acts on the INTERRUPTs and revokes sent to the queue: an
+// interrupted READ is answered EINTR (as go-fuse's Read would be); the
+// READs of a revoked node read again, which now answers ENXIO (the node
+// is dying).
+func (uq *uringQueue) readNotes() {
+	uq.mu.Lock()
+	notes := uq.notes
+	uq.notes = nil
+	uq.mu.Unlock()
+	for _, nt := range notes {
+		for i := range uq.parks {
+			p := &uq.parks[i]
+			switch {
+			case p.h == nil:
+			case nt.node != nil && p.h.node == nt.node:
+				uq.retry(i)
+			case nt.node == nil && p.unique == nt.unique:
+				e := uq.q.Ents[i]
+				uq.answerParked(i, errorReply(e.Hdr, e.Out(), syscall.EINTR))
+			}
+		}
+	}
+}
+
+// send gives the queue a note and wakes it.
+func (uq *uringQueue) send(nt note) {
+	uq.mu.Lock()
+	defer uq.mu.Unlock()
+	if uq.efdClosed {
+		return // the queue has stopped: nothing is parked
+	}
+	uq.notes = append(uq.notes, nt)
+	uq.wakeLocked()
+}
+
+// interrupt tells the queue holding the READ with unique parked, if any,
+// to answer it EINTR, and reports whether one did. A READ not parked is
+// left to go-fuse, which interrupts what it serves and otherwise answers
+// EAGAIN: the kernel then sends the INTERRUPT again (a READ about to be
+// parked is found the next time).
+func (s *uringServer) interrupt(unique uint64) bool {
+	if s == nil || unique == 0 {
+		return false
+	}
+	for _, uq := range s.queues {
+		uq.mu.Lock()
+		found := false
+		for i := range uq.parks {
+			if uq.parks[i].unique == unique {
+				found = true
+				break
+			}
+		}
+		uq.mu.Unlock()
+		if found {
+			uq.send(note{unique: unique})
+			return true
+		}
+	}
+	return false
+}
+
+// revoked tells every queue that n's device was revoked (the registry's
+// revoke hook): its parked READs end, so the destroy's drain can finish.
+// Nothing served on a queue's thread waits for a drain (a transient
+// close's destroy is queued to the registry's worker), so the queue is
+// free to answer.
+func (s *uringServer) revoked(n *devnode.Node) {
+	if s == nil {
+		return
+	}
+	for _, uq := range s.queues {
+		uq.send(note{node: n})
+	}
+}

@@ -39,6 +39,7 @@ type Metrics struct {
 	packetsRead, packetsWritten      prometheus.Counter
 	bytesRead, bytesWritten          prometheus.Counter
 	ringRequests                     prometheus.Counter
+	ringParked                       prometheus.Counter
 
 	errors   *prometheus.CounterVec
 	errorBy  [maxErrno]atomic.Pointer[prometheus.Counter]
@@ -66,6 +67,7 @@ func New(states States) *Metrics {
 	m.bytesRead = counter("read_bytes_total", "Bytes of packets read from devices by clients.")
 	m.bytesWritten = counter("written_bytes_total", "Bytes of packets written to devices by clients.")
 	m.ringRequests = counter("fuse_ring_requests_total", "FUSE requests answered through io_uring queues (--io-uring) rather than /dev/fuse.")
+	m.ringParked = counter("fuse_ring_parked_reads_total", "Blocking READs that waited for their packet parked in an io_uring queue (a poll of the device's fd) rather than on a thread.")
 	m.errors = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "cdevfs", Name: "device_errors_total",
 		Help: "Errors returned by device reads, writes and ioctls, by errno."}, []string{"errno"})
 	m.requests = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "cdevfs", Name: "fuse_request_duration_seconds",
@@ -152,6 +154,14 @@ func (m *Metrics) RingRequest() {
 		return
 	}
 	m.ringRequests.Inc()
+}
+
+// RingParked counts one blocking READ parked in an io_uring queue.
+func (m *Metrics) RingParked() {
+	if m == nil {
+		return
+	}
+	m.ringParked.Inc()
 }
 
 // Request observes one FUSE request with opcode op that started at start.

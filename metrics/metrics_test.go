@@ -38,6 +38,7 @@ func TestCountersMove(t *testing.T) {
 	m.Request(999, time.Now()) // unknown opcode: "other"
 	m.RingRequest()
 	m.RingRequest()
+	m.RingParked()
 
 	for _, c := range []struct {
 		got  float64
@@ -72,6 +73,7 @@ func TestCountersMove(t *testing.T) {
 		`cdevfs_device_errors_total{errno="ENXIO"} 2`,
 		`cdevfs_read_bytes_total 100`,
 		`cdevfs_fuse_ring_requests_total 2`,
+		`cdevfs_fuse_ring_parked_reads_total 1`,
 		`go_goroutines `,
 		`process_resident_memory_bytes `,
 	} {
