@@ -100,6 +100,7 @@ type uringServer struct {
 	t      *transport
 	queues []*uringQueue
 	served atomic.Uint64 // requests answered through a ring
+	parked atomic.Uint64 // READs parked (as the metric, for tests)
 }
 
 // uringQueue is one queue. Its thread owns q, in, parks and the counts;
@@ -620,6 +621,7 @@ func (uq *uringQueue) park(i int, in []byte) bool {
 	p.unique = ne.Uint64(in[8:])
 	uq.mu.Unlock()
 	uq.nParked++
+	uq.s.parked.Add(1)
 	t.metrics.RingParked()
 	uq.arm(i)
 	uq.grow()
