@@ -302,6 +302,7 @@ func (uq *uringQueue) run(started chan<- error) {
 	err := uq.setup()
 	started <- err
 	if err != nil {
+		uq.dropParks() // a READ served during setup may have parked
 		uq.release(false)
 		return
 	}
