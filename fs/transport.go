@@ -181,9 +181,9 @@ func (t *transport) serve(in, out []byte, mayBlock bool) (n int, blocked bool) {
 		binary.NativeEndian.PutUint64(in[48:], uint64(binary.NativeEndian.Uint32(in[72:])))
 	}
 	switch {
-	case op == opInterrupt && len(in) >= inHeaderLen+8 && t.uring.Load().interrupt(binary.NativeEndian.Uint64(in[40:])):
-		// A READ parked on a ring (uring.go): its queue answers it with
-		// EINTR. An INTERRUPT has no reply.
+	case op == opInterrupt && len(in) >= inHeaderLen+8 && t.uring.Load() != nil:
+		// The requests are on the rings, READs parked there (uring.go).
+		n = t.uring.Load().interrupt(in, out)
 	case op == opPoll:
 		n = t.poll(in, out)
 	case op >= opSetxattr && op <= opRemovexattr:
@@ -316,6 +316,7 @@ const (
 	pollOut        = 0x4
 	pollErr        = 0x8
 	pollHup        = 0x10
+	pollNval       = 0x20
 	pollRdNorm     = 0x40
 	pollWrNorm     = 0x100
 	defaultPollMsk = pollIn | pollOut | pollRdNorm | pollWrNorm

@@ -101,11 +101,24 @@ type uringServer struct {
 	queues []*uringQueue
 	served atomic.Uint64 // requests answered through a ring
 	parked atomic.Uint64 // READs parked (as the metric, for tests)
+
+	// intrMu orders INTERRUPTs against parks. The kernel sends an
+	// INTERRUPT once: answered EAGAIN it is queued again only for a
+	// request read from /dev/fuse (fuse_dev_do_write looks for the request
+	// there, not among the rings'). So one that finds neither a parked
+	// READ nor a request go-fuse serves is kept in early, and a READ
+	// parked or handed off later checks it: the INTERRUPT came between
+	// the READ's arrival on its queue and its park.
+	intrMu sync.Mutex
+	early  [16]uint64 // guarded by intrMu; uniques are never reused
+	earlyI int        // guarded by intrMu: the next slot of early to fill
 }
 
 // uringQueue is one queue. Its thread owns q, in, parks and the counts;
-// mu guards done, which handoff goroutines append to, notes, and the
-// uniques of parks (which interrupt scans from a reader goroutine).
+// mu guards done, which handoff goroutines append to, notes and the
+// eventfd. The parks slice and its uniques are written under the
+// server's intrMu, which interrupt scans them under. Lock order:
+// uringServer.intrMu → uringQueue.mu.
 type uringQueue struct {
 	s   *uringServer
 	qid int
@@ -160,7 +173,7 @@ type note struct {
 
 // parkedRead is a READ waiting in the ring for its device's fd. The
 // queue's thread owns it; the slice and unique are written under the
-// queue's mu (interrupt reads them). While
+// server's intrMu (interrupt reads them). While
 // parked it is an in-flight operation of its node (Enter), as a blocked
 // Read would be, so a destroy's drain waits for it; the revoke hook ends
 // it (revoked).
@@ -170,7 +183,7 @@ type parkedRead struct {
 	size   int
 	gen    uint32 // bumped by every park and unpark: tells stale polls
 	armed  bool   // a poll of fd is in the ring
-	unique uint64 // the READ's, 0 when none is parked; written under mu
+	unique uint64 // the READ's, 0 when none is parked; written under intrMu
 	start  time.Time
 }
 
@@ -183,16 +196,19 @@ func (t *transport) startURing() error {
 		return fmt.Errorf("io_uring queues: %w", err)
 	}
 	s := &uringServer{t: t}
-	errs := make(chan error, nq)
 	for qid := range nq {
-		uq := &uringQueue{s: s, qid: qid, in: make([]byte, t.bufSize), efdBuf: make([]byte, 8),
-			efd: -1, kickEnt: -1, kickc: make(chan struct{}, 1)}
-		s.queues = append(s.queues, uq)
+		s.queues = append(s.queues, &uringQueue{s: s, qid: qid, in: make([]byte, t.bufSize), efdBuf: make([]byte, 8),
+			efd: -1, kickEnt: -1, kickc: make(chan struct{}, 1)})
+	}
+	// Published before any queue serves a request: a revoke or INTERRUPT
+	// for a READ parked in one must find it.
+	t.uring.Store(s)
+	errs := make(chan error, nq)
+	for _, uq := range s.queues {
 		t.readers.Add(2)
 		go uq.run(errs)
 		go uq.kicker(filepath.Join(t.dir, kickName))
 	}
-	t.uring.Store(s)
 	for range nq {
 		if e := <-errs; e != nil && err == nil {
 			err = e
@@ -235,7 +251,12 @@ func (uq *uringQueue) setup() error {
 	if err != nil {
 		return fmt.Errorf("eventfd: %w", err)
 	}
+	uq.mu.Lock()
 	uq.efd = efd
+	if len(uq.notes) > 0 {
+		uq.wakeLocked() // sent before there was an eventfd to wake
+	}
+	uq.mu.Unlock()
 	rc, err := uq.s.t.dev.SyscallConn()
 	if err != nil {
 		return err
@@ -308,12 +329,14 @@ func (uq *uringQueue) run(started chan<- error) {
 	}
 	log := uq.s.t.log
 	for {
+		uq.armWake() // before every wait: setup's reap may have taken it
 		if err := uq.q.Ring.Enter(true); err != nil {
 			log.Error("FUSE io_uring queue", "queue", uq.qid, "err", err)
 			break
 		}
 		uq.q.Ring.Reap(uq.completed)
-		if uq.stopping.Load() && uq.nParked > 0 {
+		stopping := uq.stopping.Load() // once: parks answered are parks ended
+		if stopping && uq.nParked > 0 {
 			// After the registry's shutdown has revoked every node (the
 			// daemon's close order) none is left; in a test's lazy
 			// unmount there may be: the device is going away.
@@ -322,7 +345,7 @@ func (uq *uringQueue) run(started chan<- error) {
 				log.Error("FUSE io_uring queue", "queue", uq.qid, "err", err)
 			}
 		}
-		if uq.handedOff == 0 && (uq.stopping.Load() || uq.waiting == 0 && (uq.nParked == 0 || uq.torn)) {
+		if uq.handedOff == 0 && (stopping || uq.waiting == 0 && (uq.nParked == 0 || uq.torn)) {
 			break // asked to stop, or every entry is gone: the connection is
 		}
 		if uq.low && !uq.kicking && uq.handedOff+uq.nParked > 0 {
@@ -338,7 +361,6 @@ func (uq *uringQueue) run(started chan<- error) {
 			}
 			uq.kick()
 		}
-		uq.armWake()
 	}
 	// A READ still parked belongs to a connection that is gone: it only
 	// holds its node in flight.
@@ -485,6 +507,16 @@ func (uq *uringQueue) commit(i, n int) {
 // the kernel meanwhile, so the queue adds one if too few are left.
 func (uq *uringQueue) handOff(i int, in []byte) {
 	t := uq.s.t
+	uq.s.intrMu.Lock()
+	interrupted := len(in) >= inHeaderLen && uq.s.takeEarlyLocked(binary.NativeEndian.Uint64(in[8:]))
+	uq.s.intrMu.Unlock()
+	if interrupted {
+		uq.commit(i, errorReply(in, uq.q.Ents[i].Out(), syscall.EINTR))
+		return
+	}
+	// An INTERRUPT that comes from here until go-fuse has taken the
+	// request in is lost (the README says so): only READs that cannot be
+	// parked are handed off.
 	uq.handedOff++
 	bp := t.bufs.Get().(*[]byte)
 	req := append((*bp)[:0], in...)
@@ -612,22 +644,36 @@ func (uq *uringQueue) park(i int, in []byte) bool {
 		h.node.Exit()
 		return false
 	}
-	uq.mu.Lock() // interrupt reads parks
+	unique := ne.Uint64(in[8:])
+	if hook := parkHook.Load(); hook != nil {
+		(*hook)()
+	}
+	uq.s.intrMu.Lock() // interrupt reads parks
 	for len(uq.parks) <= i {
 		uq.parks = append(uq.parks, parkedRead{})
 	}
 	p := &uq.parks[i]
 	p.gen++
 	p.h, p.fd, p.size, p.start = h, fd, size, time.Now()
-	p.unique = ne.Uint64(in[8:])
-	uq.mu.Unlock()
+	p.unique = unique
+	interrupted := uq.s.takeEarlyLocked(unique)
+	uq.s.intrMu.Unlock()
 	uq.nParked++
 	uq.s.parked.Add(1)
 	t.metrics.RingParked()
+	if interrupted {
+		e := uq.q.Ents[i]
+		uq.answerParked(i, errorReply(e.Hdr, e.Out(), syscall.EINTR))
+		return true
+	}
 	uq.arm(i)
 	uq.grow()
 	return true
 }
+
+// parkHook, if set, runs in park before the READ is registered: tests
+// widen the window in which an INTERRUPT finds the READ not yet parked.
+var parkHook atomic.Pointer[func()]
 
 // arm queues the poll of parked entry i's fd. A packet queued before the
 // poll is armed is not missed: the poll checks readiness as it arms.
@@ -647,21 +693,32 @@ func (uq *uringQueue) polled(i int, gen uint32, res int32) {
 	}
 	p := &uq.parks[i]
 	p.armed = false
-	if res < 0 {
-		// The fd cannot be polled: serve the READ as the classic loop
-		// does (it blocks in the device's Read, on a goroutine).
-		uq.s.t.log.Debug("FUSE io_uring: parked READ's poll failed", "queue", uq.qid, "err", syscall.Errno(-res))
+	if res >= 0 {
 		e := uq.q.Ents[i]
-		uq.unpark(i)
-		in, err := e.Request(uq.in)
-		if err != nil {
-			uq.commit(i, errorReply(e.Hdr, e.Out(), syscall.EIO))
+		n, wait := readReply(p.h, e.Hdr, e.Out(), p.size, false)
+		if !wait {
+			uq.answerParked(i, n)
 			return
 		}
-		uq.handOff(i, in)
+		if res&(pollErr|pollHup|pollNval) == 0 {
+			uq.arm(i) // another reader took the packet
+			return
+		}
+	}
+	// The fd cannot be waited for here: the poll failed, or reports an
+	// error while a read finds nothing (a tun whose interface is being
+	// unregistered), which would wake every poll at once. Serve the READ
+	// as the /dev/fuse loop does: the device's Read, on a goroutine,
+	// finds out what happened (and schedules the node's destroy).
+	uq.s.t.log.Warn("FUSE io_uring: a parked READ's poll failed; served on a goroutine", "queue", uq.qid, "res", res)
+	e := uq.q.Ents[i]
+	uq.unpark(i, false)
+	in, err := e.Request(uq.in)
+	if err != nil {
+		uq.commit(i, errorReply(e.Hdr, e.Out(), syscall.EIO))
 		return
 	}
-	uq.retry(i)
+	uq.handOff(i, in)
 }
 
 // retry reads for parked entry i: its reply is committed, unless there is
@@ -683,22 +740,23 @@ func (uq *uringQueue) retry(i int) {
 // (n bytes), removing its poll if one is in the ring.
 func (uq *uringQueue) answerParked(i, n int) {
 	start := uq.parks[i].start
-	uq.unpark(i)
+	uq.unpark(i, true)
 	uq.s.t.metrics.Request(opRead, start)
 	uq.commit(i, n)
 }
 
-// unpark ends entry i's park: the poll, if armed, is removed; the node's
-// in-flight operation ends.
-func (uq *uringQueue) unpark(i int) {
+// unpark ends entry i's park: the poll, if armed, is removed (unless the
+// ring is about to be closed, which cancels it); the node's in-flight
+// operation ends.
+func (uq *uringQueue) unpark(i int, removePoll bool) {
 	p := &uq.parks[i]
-	if p.armed {
+	if p.armed && removePoll {
 		uq.q.Ring.PollRemove(pollUserData(i, p.gen), removeTag)
 	}
 	p.h.node.Exit()
-	uq.mu.Lock()
+	uq.s.intrMu.Lock()
 	*p = parkedRead{gen: p.gen + 1}
-	uq.mu.Unlock()
+	uq.s.intrMu.Unlock()
 	uq.nParked--
 }
 
@@ -717,7 +775,7 @@ func (uq *uringQueue) unparkAll(errno syscall.Errno) {
 func (uq *uringQueue) dropParks() {
 	for i := range uq.parks {
 		if uq.parks[i].h != nil {
-			uq.unpark(i)
+			uq.unpark(i, false)
 		}
 	}
 }
@@ -757,27 +815,40 @@ func (uq *uringQueue) send(nt note) {
 	uq.wakeLocked()
 }
 
-// interrupt tells the queue holding the READ with unique parked, if any,
-// to answer it EINTR, and reports whether one did. A READ not parked is
-// left to go-fuse, which interrupts what it serves and otherwise answers
-// EAGAIN: the kernel then sends the INTERRUPT again (a READ about to be
-// parked is found the next time).
-func (s *uringServer) interrupt(unique uint64) bool {
-	if s == nil || unique == 0 {
-		return false
-	}
+// interrupt serves an INTERRUPT (in; its reply, if any, in out) while
+// the rings carry the requests: a parked READ is answered EINTR by its
+// queue; a request go-fuse serves (a READ handed off, or an inline one)
+// is interrupted by go-fuse; one neither knows is remembered (early), for
+// a READ that is about to be parked or handed off.
+func (s *uringServer) interrupt(in, out []byte) int {
+	unique := binary.NativeEndian.Uint64(in[40:])
+	s.intrMu.Lock()
+	defer s.intrMu.Unlock()
 	for _, uq := range s.queues {
-		uq.mu.Lock()
-		found := false
 		for i := range uq.parks {
 			if uq.parks[i].unique == unique {
-				found = true
-				break
+				uq.send(note{unique: unique})
+				return 0 // an INTERRUPT has no reply
 			}
 		}
-		uq.mu.Unlock()
-		if found {
-			uq.send(note{unique: unique})
+	}
+	n, st := s.t.ps.HandleRequest([][]byte{in}, [][]byte{out})
+	if st.Ok() && n >= 16 && int32(binary.NativeEndian.Uint32(out[4:])) == -int32(syscall.EAGAIN) {
+		// Not a request go-fuse serves either. Its EAGAIN is still sent:
+		// for a request read from /dev/fuse the kernel queues the
+		// INTERRUPT again.
+		s.early[s.earlyI] = unique
+		s.earlyI = (s.earlyI + 1) % len(s.early)
+	}
+	return n
+}
+
+// takeEarlyLocked reports whether an INTERRUPT for unique came before its
+// READ was parked or handed off, and forgets it. Called with intrMu held.
+func (s *uringServer) takeEarlyLocked(unique uint64) bool {
+	for i, u := range s.early {
+		if u == unique {
+			s.early[i] = 0
 			return true
 		}
 	}

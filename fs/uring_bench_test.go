@@ -128,9 +128,10 @@ func BenchmarkRingRelay(b *testing.B) {
 		parked0 := s.parked.Load()
 		b.ReportAllocs()
 		b.ResetTimer()
-		for i := range b.N {
+		for range b.N {
+			p := s.parked.Load() // a stray packet's READ may have parked too
 			start <- struct{}{}
-			for s.parked.Load() == parked0+uint64(i) {
+			for s.parked.Load() == p {
 				runtime.Gosched() // until the READ is parked
 			}
 			if _, err := unix.Write(fd, pkt); err != nil {

@@ -94,6 +94,10 @@ func TestOverIOURing(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatalf("parked read not answered 5 s after the echo request went out")
 		}
+		// Answered from the park, not by the fallback to a goroutine.
+		if strings.Contains(d.log(), "poll failed") {
+			t.Errorf("a parked READ fell back to a goroutine:\n%s", d.log())
+		}
 	})
 	for _, tc := range []struct {
 		name string

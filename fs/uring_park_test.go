@@ -1,0 +1,178 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"runtime"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cdevfs/cdevfs/devnode"
+	"golang.org/x/sys/unix"
+)
+
+// pipeDev is a device whose packets come through a pipe: its read end is
+// the fd a parked READ waits for (devnode.ReadWaiter).
+type pipeDev struct {
+	r, w    int
+	revoked atomic.Bool
+}
+
+var (
+	_ devnode.IO         = (*pipeDev)(nil)
+	_ devnode.ReadWaiter = (*pipeDev)(nil)
+)
+
+func newPipeDev(t *testing.T) *pipeDev {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	return &pipeDev{r: p[0], w: p[1]}
+}
+
+func (d *pipeDev) Open(ctx context.Context) error { return nil }
+func (d *pipeDev) Close() error                   { return nil }
+func (d *pipeDev) Revoke()                        { d.revoked.Store(true) }
+func (d *pipeDev) Destroy(unlink func()) error    { unlink(); return nil }
+func (d *pipeDev) Release()                       { unix.Close(d.r); unix.Close(d.w) }
+func (d *pipeDev) ReadFD() int                    { return d.r }
+
+// Read: a blocking read polls the pipe in steps, so that a revoke or a
+// cancelled ctx ends it (a READ that is handed off instead of parked).
+func (d *pipeDev) Read(ctx context.Context, p []byte, nonblock bool) (int, error) {
+	for {
+		if d.revoked.Load() {
+			return 0, syscall.ENXIO
+		}
+		n, err := unix.Read(d.r, p)
+		if err != unix.EAGAIN || nonblock {
+			return n, err
+		}
+		if ctx.Err() != nil {
+			return 0, syscall.EINTR
+		}
+		unix.Poll([]unix.PollFd{{Fd: int32(d.r), Events: unix.POLLIN}}, 10)
+	}
+}
+
+func (d *pipeDev) Write(ctx context.Context, p []byte) (int, error) { return len(p), nil }
+
+// TestParkedReadEnds: a blocking READ of a device with a ReadWaiter fd is
+// parked in its queue's ring, and ends in each of the ways a blocked read
+// ends: with the packet that comes; with ENXIO when the node is destroyed
+// (the registry's revoke hook); with EINTR when its reader is signalled,
+// even if the INTERRUPT reaches the daemon before the READ is parked (the
+// kernel sends it only once: it must be kept for the READ).
+func TestParkedReadEnds(t *testing.T) {
+	setURing(t, "Y")
+	for _, tc := range []struct {
+		name string
+		end  func(t *testing.T, d *pipeDev, n *devnode.Node)
+		// early: signal the reader while its READ is on the queue's
+		// thread, before it is parked.
+		early   bool
+		want    string
+		wantErr error
+	}{
+		{name: "packet", end: func(t *testing.T, d *pipeDev, n *devnode.Node) {
+			if _, err := unix.Write(d.w, []byte("a packet")); err != nil {
+				t.Fatal(err)
+			}
+		}, want: "a packet"},
+		{name: "destroy", end: func(t *testing.T, d *pipeDev, n *devnode.Node) {
+			go n.Destroy(context.Background())
+		}, wantErr: syscall.ENXIO},
+		{name: "interrupt before park", early: true, wantErr: syscall.EINTR},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+			reg := devnode.NewRegistry()
+			dev := newPipeDev(t)
+			n, err := reg.Make("tun0", dev, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, quiet)
+			dir := t.TempDir()
+			m, err := New(dir, root, MountOptions{Log: quiet, IOURing: IOURingOn})
+			if err != nil {
+				n.Rel()
+				reg.Shutdown(context.Background(), nil)
+				t.Fatal(err)
+			}
+			defer func() {
+				n.Rel()
+				reg.Shutdown(context.Background(), func() { m.Unmount() })
+				m.Close()
+			}()
+			fd, err := unix.Open(filepath.Join(dir, "tun0"), unix.O_RDWR|unix.O_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Close(fd)
+			s := m.t.uring.Load()
+			parked := s.parked.Load()
+
+			tid := make(chan int, 1)
+			type result struct {
+				n   int
+				err error
+				buf []byte
+			}
+			got := make(chan result, 1)
+			if tc.early {
+				var once atomic.Bool
+				hook := func() {
+					if once.CompareAndSwap(false, true) {
+						unix.Tgkill(unix.Getpid(), <-tid, unix.SIGURG)
+						time.Sleep(200 * time.Millisecond) // the INTERRUPT comes meanwhile
+					}
+				}
+				parkHook.Store(&hook)
+				defer parkHook.Store(nil)
+			}
+			go func() {
+				runtime.LockOSThread()
+				defer runtime.UnlockOSThread()
+				tid <- unix.Gettid()
+				buf := make([]byte, 64)
+				k, err := unix.Read(fd, buf) // no retry: EINTR is an answer here
+				got <- result{k, err, buf[:max(k, 0)]}
+			}()
+			if !tc.early {
+				deadline := time.Now().Add(5 * time.Second)
+				for s.parked.Load() == parked {
+					if time.Now().After(deadline) {
+						t.Fatal("the blocking read was not parked within 5 s")
+					}
+					time.Sleep(time.Millisecond)
+				}
+				tc.end(t, dev, n)
+			}
+			var r result
+			select {
+			case r = <-got:
+			case <-time.After(2 * time.Second):
+				// Unblock the reader so the test can end, then fail.
+				unix.Write(dev.w, []byte("late"))
+				r = <-got
+				t.Fatalf("parked read not answered within 2 s (then got %q, %v); want %q, %v", r.buf, r.err, tc.want, tc.wantErr)
+			}
+			switch {
+			case tc.wantErr != nil && !errors.Is(r.err, tc.wantErr):
+				t.Errorf("parked read = %q, %v; want %v", r.buf, r.err, tc.wantErr)
+			case tc.wantErr == nil && (r.err != nil || string(r.buf) != tc.want):
+				t.Errorf("parked read = %q, %v; want %q", r.buf, r.err, tc.want)
+			}
+			if s.parked.Load() == parked {
+				t.Errorf("the read was never parked (parked count unchanged at %d)", parked)
+			}
+		})
+	}
+}
