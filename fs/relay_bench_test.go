@@ -124,6 +124,7 @@ func serveTree(b *testing.B, root *Root, name string, fast bool) (t *transport, 
 
 func benchLoop(b *testing.B, fast bool) {
 	reg := devnode.NewRegistry()
+	defer reg.Shutdown(context.Background(), nil) // its worker goroutine (goleak)
 	n, err := reg.Make("tun0", &loopDev{}, false)
 	if err != nil {
 		b.Fatal(err)
@@ -154,6 +155,21 @@ func BenchmarkRelayLoop(b *testing.B) {
 	b.Run("gofuse", func(b *testing.B) { benchLoop(b, false) })
 }
 
+// linuxTunTree is a registry with a tun cloner on the Linux backend (real
+// interfaces: run in a private network namespace) and the tree serving it.
+// The caller shuts the registry down; the backend is closed at cleanup.
+func linuxTunTree(b *testing.B) (*devnode.Registry, *Root) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	be, err := cloner.NewLinux(cloner.LinuxOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(be.Close)
+	reg := devnode.NewRegistry()
+	cloner.New(cloner.Tun, be, reg, 100, log)
+	return reg, NewRoot(reg, []string{"tun"}, func(string) bool { return true }, log)
+}
+
 // BenchmarkRelayTun: one ICMP echo request written and its reply read per
 // op, on a real tun interface made by the Linux cloner.
 func BenchmarkRelayTun(b *testing.B) {
@@ -166,16 +182,8 @@ func BenchmarkRelayTun(b *testing.B) {
 	for _, fast := range []bool{true, false} {
 		name := map[bool]string{true: "fast", false: "gofuse"}[fast]
 		b.Run(name, func(b *testing.B) {
-			log := slog.New(slog.NewTextHandler(io.Discard, nil))
-			be, err := cloner.NewLinux(cloner.LinuxOptions{})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer be.Close()
-			reg := devnode.NewRegistry()
-			cloner.New(cloner.Tun, be, reg, 100, log)
+			reg, root := linuxTunTree(b)
 			defer reg.Shutdown(context.Background(), nil)
-			root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, log)
 			t, in, out, nodeid, fh, r := serveTree(b, root, "tun7", fast)
 			defer t.handle(r.release(nodeid, fh), out)
 			for _, args := range [][]string{{"addr", "add", "198.18.7.1/24", "dev", "tun7"}, {"link", "set", "tun7", "up"}} {

@@ -438,8 +438,9 @@ func (uq *uringQueue) completed(ud uint64, res int32) {
 	switch {
 	case ud == eventUserData:
 		uq.efdArmed = false
-		uq.commitAnswers()
-		uq.readNotes()
+		done, notes := uq.takeSent()
+		uq.commitAnswers(done)
+		uq.readNotes(notes)
 		return
 	case ud&pollTag != 0:
 		uq.polled(int(uint32(ud)), uint32(ud>>32)&genMask, res)
@@ -548,12 +549,18 @@ func (uq *uringQueue) grow() {
 	}
 }
 
-// commitAnswers commits the replies of handed-off requests.
-func (uq *uringQueue) commitAnswers() {
+// takeSent takes what the queue was sent since it last looked: the
+// replies of handed-off requests, and notes.
+func (uq *uringQueue) takeSent() (done []answer, notes []note) {
 	uq.mu.Lock()
-	done := uq.done
-	uq.done = nil
-	uq.mu.Unlock()
+	defer uq.mu.Unlock()
+	done, notes = uq.done, uq.notes
+	uq.done, uq.notes = nil, nil
+	return done, notes
+}
+
+// commitAnswers commits the replies of handed-off requests.
+func (uq *uringQueue) commitAnswers(done []answer) {
 	for _, a := range done {
 		uq.handedOff--
 		uq.commit(a.i, a.n)
@@ -784,11 +791,7 @@ func (uq *uringQueue) dropParks() {
 // interrupted READ is answered EINTR (as go-fuse's Read would be); the
 // READs of a revoked node read again, which now answers ENXIO (the node
 // is dying).
-func (uq *uringQueue) readNotes() {
-	uq.mu.Lock()
-	notes := uq.notes
-	uq.notes = nil
-	uq.mu.Unlock()
+func (uq *uringQueue) readNotes(notes []note) {
 	for _, nt := range notes {
 		for i := range uq.parks {
 			p := &uq.parks[i]

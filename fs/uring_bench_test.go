@@ -21,8 +21,6 @@ import (
 	"runtime"
 	"testing"
 
-	"github.com/cdevfs/cdevfs/cloner"
-	"github.com/cdevfs/cdevfs/devnode"
 	"github.com/cdevfs/cdevfs/internal/fuseuring"
 	"github.com/cdevfs/cdevfs/internal/icmptest"
 	"golang.org/x/sys/unix"
@@ -42,17 +40,9 @@ func BenchmarkRingRelay(b *testing.B) {
 		b.Skip(err)
 	}
 	defer restore()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	be, err := cloner.NewLinux(cloner.LinuxOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer be.Close()
-	reg := devnode.NewRegistry()
-	cloner.New(cloner.Tun, be, reg, 100, log)
-	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, log)
+	reg, root := linuxTunTree(b)
 	dir := b.TempDir()
-	m, err := New(dir, root, MountOptions{Log: log, IOURing: IOURingOn})
+	m, err := New(dir, root, MountOptions{Log: slog.New(slog.NewTextHandler(io.Discard, nil)), IOURing: IOURingOn})
 	if err != nil {
 		reg.Shutdown(context.Background(), nil)
 		b.Fatal(err)
