@@ -472,9 +472,16 @@ type Registry struct {
 	nextIno atomic.Uint64
 	live    atomic.Int64 // nodes not yet released (for leak checks)
 
-	sched      chan *Node     // DestroySched queue
-	pending    sync.WaitGroup // scheduled destroys not yet finished
-	workerDone chan struct{}
+	sched chan *Node // DestroySched queue
+	// pending counts scheduled destroys not yet finished. Not a
+	// WaitGroup: a destroy is scheduled (a netlink event, a transient
+	// close) while DrainSched may be waiting, and a WaitGroup's Add from
+	// zero must not race its Wait (the race detector caught it, in
+	// TestStressWatcherRacesDevicePaths).
+	pendingMu   sync.Mutex
+	pendingZero *sync.Cond // broadcast when pending drops to 0; L is &pendingMu
+	pending     int        // guarded by pendingMu
+	workerDone  chan struct{}
 
 	// destroyHook runs before a node's backing object is destroyed (tests
 	// hold it to widen race windows).
@@ -503,6 +510,7 @@ func NewRegistry() *Registry {
 		workerDone:  make(chan struct{}),
 		destroyHook: func(*Node) {},
 	}
+	r.pendingZero = sync.NewCond(&r.pendingMu)
 	r.nextIno.Store(1 << 32) // far from the static nodes' numbers
 	go r.worker()
 	return r
@@ -716,7 +724,9 @@ func (r *Registry) DestroySched(n *Node, reason string) bool {
 // dying itself.
 func (r *Registry) schedDying(n *Node) {
 	n.refs.Add(1) // the queue's reference (n is dying, not released: the registry still holds one); dropped by runSched
-	r.pending.Add(1)
+	r.pendingMu.Lock()
+	r.pending++
+	r.pendingMu.Unlock()
 	select {
 	case r.sched <- n:
 	default:
@@ -733,16 +743,30 @@ func (r *Registry) worker() {
 }
 
 func (r *Registry) runSched(n *Node) {
-	defer r.pending.Done()
+	defer r.schedFinished()
 	defer n.Rel()
 	if err := n.revokeDrain(context.Background()); err == nil {
 		n.finish()
 	}
 }
 
-// DrainSched waits until every destroy scheduled so far has finished
-// (destroy_dev_drain).
-func (r *Registry) DrainSched() { r.pending.Wait() }
+func (r *Registry) schedFinished() {
+	r.pendingMu.Lock()
+	defer r.pendingMu.Unlock()
+	if r.pending--; r.pending == 0 {
+		r.pendingZero.Broadcast()
+	}
+}
+
+// DrainSched waits until no scheduled destroy is left (destroy_dev_drain):
+// every destroy scheduled before the call, and any scheduled meanwhile.
+func (r *Registry) DrainSched() {
+	r.pendingMu.Lock()
+	defer r.pendingMu.Unlock()
+	for r.pending > 0 {
+		r.pendingZero.Wait()
+	}
+}
 
 // Shutdown destroys every node in the fixed close order: stop accepting
 // (no clone, no Make), revoke every node and drain its in-flight
@@ -783,7 +807,7 @@ func (r *Registry) Shutdown(ctx context.Context, between func()) {
 	for _, n := range others {
 		_ = n.Destroy(context.Background())
 	}
-	r.pending.Wait()
+	r.DrainSched()
 	close(r.sched)
 	<-r.workerDone
 }
