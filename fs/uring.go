@@ -101,24 +101,14 @@ type uringServer struct {
 	queues []*uringQueue
 	served atomic.Uint64 // requests answered through a ring
 	parked atomic.Uint64 // READs parked (as the metric, for tests)
-
-	// intrMu orders INTERRUPTs against parks. The kernel sends an
-	// INTERRUPT once: answered EAGAIN it is queued again only for a
-	// request read from /dev/fuse (fuse_dev_do_write looks for the request
-	// there, not among the rings'). So one that finds neither a parked
-	// READ nor a request go-fuse serves is kept in early, and a READ
-	// parked or handed off later checks it: the INTERRUPT came between
-	// the READ's arrival on its queue and its park.
-	intrMu sync.Mutex
-	early  [16]uint64 // guarded by intrMu; uniques are never reused
-	earlyI int        // guarded by intrMu: the next slot of early to fill
 }
 
 // uringQueue is one queue. Its thread owns q, in, parks and the counts;
-// mu guards done, which handoff goroutines append to, notes and the
-// eventfd. The parks slice and its uniques are written under the
-// server's intrMu, which interrupt scans them under. Lock order:
-// uringServer.intrMu → uringQueue.mu.
+// mu guards done, which handoff goroutines append to, notes, the eventfd
+// and early; the parks slice and its uniques are written under it too,
+// as interrupt scans them from a /dev/fuse reader. No lock is shared by
+// the queues: a queue's mu is contended only by an INTERRUPT, a revoke
+// or a handed-off reply.
 type uringQueue struct {
 	s   *uringServer
 	qid int
@@ -147,6 +137,16 @@ type uringQueue struct {
 	notes     []note   // guarded by mu
 	efdClosed bool     // guarded by mu
 
+	// early keeps INTERRUPTs that found their request nowhere. The kernel
+	// sends an INTERRUPT once: answered EAGAIN it is queued again only for
+	// a request read from /dev/fuse (fuse_dev_do_write looks for it there,
+	// not among the rings'). One that finds neither a parked READ nor a
+	// request go-fuse serves came between a READ's arrival on its queue
+	// and its park (or handoff): the READ checks early as it parks.
+	// Guarded by mu; uniques are never reused, so stale ones do no harm.
+	early  [16]uint64
+	earlyI int // the next slot of early to fill
+
 	// Stranded requests (see kick): low says the queue ran low on
 	// entries since the last kick; kicking, that a round of kicks is
 	// under way; kickEnt is the entry that answered the round's last
@@ -173,7 +173,7 @@ type note struct {
 
 // parkedRead is a READ waiting in the ring for its device's fd. The
 // queue's thread owns it; the slice and unique are written under the
-// server's intrMu (interrupt reads them). While
+// queue's mu (interrupt reads them). While
 // parked it is an in-flight operation of its node (Enter), as a blocked
 // Read would be, so a destroy's drain waits for it; the revoke hook ends
 // it (revoked).
@@ -183,7 +183,7 @@ type parkedRead struct {
 	size   int
 	gen    uint32 // bumped by every park and unpark: tells stale polls
 	armed  bool   // a poll of fd is in the ring
-	unique uint64 // the READ's, 0 when none is parked; written under intrMu
+	unique uint64 // the READ's, 0 when none is parked; written under mu
 	start  time.Time
 }
 
@@ -508,9 +508,9 @@ func (uq *uringQueue) commit(i, n int) {
 // the kernel meanwhile, so the queue adds one if too few are left.
 func (uq *uringQueue) handOff(i int, in []byte) {
 	t := uq.s.t
-	uq.s.intrMu.Lock()
-	interrupted := len(in) >= inHeaderLen && uq.s.takeEarlyLocked(binary.NativeEndian.Uint64(in[8:]))
-	uq.s.intrMu.Unlock()
+	uq.mu.Lock()
+	interrupted := len(in) >= inHeaderLen && uq.takeEarlyLocked(binary.NativeEndian.Uint64(in[8:]))
+	uq.mu.Unlock()
 	if interrupted {
 		uq.commit(i, errorReply(in, uq.q.Ents[i].Out(), syscall.EINTR))
 		return
@@ -655,7 +655,7 @@ func (uq *uringQueue) park(i int, in []byte) bool {
 	if hook := parkHook.Load(); hook != nil {
 		(*hook)()
 	}
-	uq.s.intrMu.Lock() // interrupt reads parks
+	uq.mu.Lock() // interrupt reads parks
 	for len(uq.parks) <= i {
 		uq.parks = append(uq.parks, parkedRead{})
 	}
@@ -663,8 +663,8 @@ func (uq *uringQueue) park(i int, in []byte) bool {
 	p.gen++
 	p.h, p.fd, p.size, p.start = h, fd, size, time.Now()
 	p.unique = unique
-	interrupted := uq.s.takeEarlyLocked(unique)
-	uq.s.intrMu.Unlock()
+	interrupted := uq.takeEarlyLocked(unique)
+	uq.mu.Unlock()
 	uq.nParked++
 	uq.s.parked.Add(1)
 	t.metrics.RingParked()
@@ -761,9 +761,9 @@ func (uq *uringQueue) unpark(i int, removePoll bool) {
 		uq.q.Ring.PollRemove(pollUserData(i, p.gen), removeTag)
 	}
 	p.h.node.Exit()
-	uq.s.intrMu.Lock()
+	uq.mu.Lock()
 	*p = parkedRead{gen: p.gen + 1}
-	uq.s.intrMu.Unlock()
+	uq.mu.Unlock()
 	uq.nParked--
 }
 
@@ -811,6 +811,10 @@ func (uq *uringQueue) readNotes(notes []note) {
 func (uq *uringQueue) send(nt note) {
 	uq.mu.Lock()
 	defer uq.mu.Unlock()
+	uq.sendLocked(nt)
+}
+
+func (uq *uringQueue) sendLocked(nt note) {
 	if uq.efdClosed {
 		return // the queue has stopped: nothing is parked
 	}
@@ -821,18 +825,15 @@ func (uq *uringQueue) send(nt note) {
 // interrupt serves an INTERRUPT (in; its reply, if any, in out) while
 // the rings carry the requests: a parked READ is answered EINTR by its
 // queue; a request go-fuse serves (a READ handed off, or an inline one)
-// is interrupted by go-fuse; one neither knows is remembered (early), for
-// a READ that is about to be parked or handed off.
+// is interrupted by go-fuse; one neither knows is kept in every queue's
+// early, for a READ about to be parked or handed off. A queue's scan and
+// its keeping are one critical section, as its park's registering and
+// checking are: either the INTERRUPT finds the park, or the park finds it.
 func (s *uringServer) interrupt(in, out []byte) int {
 	unique := binary.NativeEndian.Uint64(in[40:])
-	s.intrMu.Lock()
-	defer s.intrMu.Unlock()
 	for _, uq := range s.queues {
-		for i := range uq.parks {
-			if uq.parks[i].unique == unique {
-				uq.send(note{unique: unique})
-				return 0 // an INTERRUPT has no reply
-			}
+		if uq.interruptParked(unique, false) {
+			return 0 // an INTERRUPT has no reply
 		}
 	}
 	n, st := s.t.ps.HandleRequest([][]byte{in}, [][]byte{out})
@@ -840,18 +841,40 @@ func (s *uringServer) interrupt(in, out []byte) int {
 		// Not a request go-fuse serves either. Its EAGAIN is still sent:
 		// for a request read from /dev/fuse the kernel queues the
 		// INTERRUPT again.
-		s.early[s.earlyI] = unique
-		s.earlyI = (s.earlyI + 1) % len(s.early)
+		for _, uq := range s.queues {
+			if uq.interruptParked(unique, true) {
+				break
+			}
+		}
 	}
 	return n
 }
 
+// interruptParked sends the queue a note for the READ with unique if it
+// is parked there, and reports whether it is; if not, and keep, it keeps
+// unique in early.
+func (uq *uringQueue) interruptParked(unique uint64, keep bool) bool {
+	uq.mu.Lock()
+	defer uq.mu.Unlock()
+	for i := range uq.parks {
+		if uq.parks[i].unique == unique {
+			uq.sendLocked(note{unique: unique})
+			return true
+		}
+	}
+	if keep {
+		uq.early[uq.earlyI] = unique
+		uq.earlyI = (uq.earlyI + 1) % len(uq.early)
+	}
+	return false
+}
+
 // takeEarlyLocked reports whether an INTERRUPT for unique came before its
-// READ was parked or handed off, and forgets it. Called with intrMu held.
-func (s *uringServer) takeEarlyLocked(unique uint64) bool {
-	for i, u := range s.early {
+// READ was parked or handed off, and forgets it. Called with mu held.
+func (uq *uringQueue) takeEarlyLocked(unique uint64) bool {
+	for i, u := range uq.early {
 		if u == unique {
-			s.early[i] = 0
+			uq.early[i] = 0
 			return true
 		}
 	}
