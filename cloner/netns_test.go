@@ -14,7 +14,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/cdevfs/cdevfs/internal/icmptest"
 	"net"
 	"net/netip"
 	"os"
@@ -26,6 +25,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cdevfs/cdevfs/internal/icmptest"
+	"github.com/cdevfs/cdevfs/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -33,11 +34,7 @@ import (
 // under CI.
 func ltUnavailable(t testing.TB, format string, args ...any) {
 	t.Helper()
-	msg := fmt.Sprintf(format, args...)
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("kernel test cannot run in CI: %s", msg)
-	}
-	t.Skip(msg)
+	testenv.Unavailable(t, "kernel", fmt.Sprintf(format, args...))
 }
 
 // ltSameNamespaceAsInit tells whether we share the namespace of the given

@@ -21,8 +21,8 @@ import (
 	"runtime"
 	"testing"
 
-	"github.com/cdevfs/cdevfs/internal/fuseuring"
 	"github.com/cdevfs/cdevfs/internal/icmptest"
+	"github.com/cdevfs/cdevfs/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -35,11 +35,7 @@ func BenchmarkRingRelay(b *testing.B) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root")
 	}
-	restore, err := fuseuring.SetEnable("Y")
-	if err != nil {
-		b.Skip(err)
-	}
-	defer restore()
+	testenv.SetURing(b, "Y")
 	reg, root := linuxTunTree(b)
 	dir := b.TempDir()
 	m, err := New(dir, root, MountOptions{Log: slog.New(slog.NewTextHandler(io.Discard, nil)), IOURing: IOURingOn})

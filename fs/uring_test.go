@@ -15,27 +15,16 @@ import (
 
 	"github.com/cdevfs/cdevfs/cloner"
 	"github.com/cdevfs/cdevfs/devnode"
-	"github.com/cdevfs/cdevfs/internal/fuseuring"
+	"github.com/cdevfs/cdevfs/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
-// setURing sets the fuse module's enable_uring to v ("Y" or "N") for the
-// test, and back to what it was after (fuseuring.SetEnable).
+// setURing needs a FUSE mount, and sets the fuse module's enable_uring to
+// v ("Y" or "N") for the test (testenv.SetURing).
 func setURing(t *testing.T, v string) {
 	t.Helper()
 	requireFuse(t)
-	restore, err := fuseuring.SetEnable(v)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("FUSE over io_uring test cannot run in CI: %v", err)
-		}
-		t.Skipf("FUSE over io_uring test cannot run here: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := restore(); err != nil {
-			t.Errorf("restore enable_uring: %v", err)
-		}
-	})
+	testenv.SetURing(t, v)
 }
 
 // fakeMount mounts a tree of tun nodes over the fake backend at a

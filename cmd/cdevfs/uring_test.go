@@ -1,14 +1,13 @@
 package main
 
 import (
-	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/cdevfs/cdevfs/internal/fuseuring"
+	"github.com/cdevfs/cdevfs/internal/testenv"
 )
 
 // TestOverIOURing runs the tests of the packet path, of blocking, waking
@@ -19,18 +18,7 @@ import (
 // /dev/fuse in CI).
 func TestOverIOURing(t *testing.T) {
 	requireKernel(t)
-	restore, err := fuseuring.SetEnable("Y")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("FUSE over io_uring test cannot run in CI: %v", err)
-		}
-		t.Skipf("FUSE over io_uring test cannot run here: %v", err)
-	}
-	defer func() {
-		if err := restore(); err != nil {
-			t.Errorf("restore enable_uring: %v", err)
-		}
-	}()
+	testenv.SetURing(t, "Y")
 	daemonFlags = []string{"--io-uring", "on"}
 	defer func() { daemonFlags = nil }()
 

@@ -1,16 +1,17 @@
-package fuseuring
+package fuseuring_test
 
 import (
-	"os"
 	"testing"
 	"time"
 
+	"github.com/cdevfs/cdevfs/internal/fuseuring"
+	"github.com/cdevfs/cdevfs/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
 // reapUntil waits for completions until want user data have all
 // completed, and returns their results.
-func reapUntil(t *testing.T, r *Ring, want ...uint64) map[uint64]int32 {
+func reapUntil(t *testing.T, r *fuseuring.Ring, want ...uint64) map[uint64]int32 {
 	t.Helper()
 	got := map[uint64]int32{}
 	deadline := time.Now().Add(5 * time.Second)
@@ -40,12 +41,9 @@ func reapUntil(t *testing.T, r *Ring, want ...uint64) map[uint64]int32 {
 // its removal with 0 (the transport parks a READ on the first, and ends
 // an interrupted park with the second).
 func TestPollAddAndRemove(t *testing.T) {
-	r, err := NewRing(8)
+	r, err := fuseuring.NewRing(8)
 	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("io_uring test cannot run in CI: %v", err)
-		}
-		t.Skipf("io_uring not usable here: %v", err)
+		testenv.Unavailable(t, "io_uring", err)
 	}
 	defer r.Close()
 	var p [2]int
