@@ -173,15 +173,21 @@ func relayServe(args []string) int {
 		}()
 	}
 	// INIT is answered by the loops; the first stat waits for it.
+	return readyThenServe(args[0], relayThreads, ended)
+}
+
+// readyThenServe tells the parent that the minimal relay mounted at mnt
+// serves (its file t answers), then waits until killed, or until each of
+// its n loops has ended (the connection went: unmount, abort).
+func readyThenServe(mnt string, n int, ended <-chan struct{}) int {
 	for {
-		if _, err := os.Stat(filepath.Join(args[0], "t")); err == nil {
+		if _, err := os.Stat(filepath.Join(mnt, "t")); err == nil {
 			break
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	fmt.Println("ready")
-	// Serve until killed, or until the connection goes (unmount, abort).
-	for range relayThreads {
+	for range n {
 		<-ended
 	}
 	return 0

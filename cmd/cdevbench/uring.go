@@ -21,7 +21,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/cdevfs/cdevfs/internal/fuseuring"
@@ -282,16 +281,5 @@ func uringServe(args []string) int {
 			}
 		}
 	}()
-	for {
-		if _, err := os.Stat(filepath.Join(args[0], "t")); err == nil {
-			break
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	fmt.Println("ready")
-	// Serve until killed, or until the connection goes (unmount, abort).
-	for range nq {
-		<-ended
-	}
-	return 0
+	return readyThenServe(args[0], nq, ended)
 }
