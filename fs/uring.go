@@ -669,8 +669,7 @@ func (uq *uringQueue) park(i int, in []byte) bool {
 	uq.s.parked.Add(1)
 	t.metrics.RingParked()
 	if interrupted {
-		e := uq.q.Ents[i]
-		uq.answerParked(i, errorReply(e.Hdr, e.Out(), syscall.EINTR))
+		uq.failParked(i, syscall.EINTR)
 		return true
 	}
 	uq.arm(i)
@@ -698,13 +697,9 @@ func (uq *uringQueue) polled(i int, gen uint32, res int32) {
 	if i >= len(uq.parks) || uq.parks[i].h == nil || uq.parks[i].gen&genMask != gen {
 		return // a park that has ended since (its poll was removed)
 	}
-	p := &uq.parks[i]
-	p.armed = false
+	uq.parks[i].armed = false
 	if res >= 0 {
-		e := uq.q.Ents[i]
-		n, wait := readReply(p.h, e.Hdr, e.Out(), p.size, false)
-		if !wait {
-			uq.answerParked(i, n)
+		if uq.readParked(i) {
 			return
 		}
 		if res&(pollErr|pollHup|pollNval) == 0 {
@@ -731,16 +726,20 @@ func (uq *uringQueue) polled(i int, gen uint32, res int32) {
 // retry reads for parked entry i: its reply is committed, unless there is
 // still no packet (then it polls again).
 func (uq *uringQueue) retry(i int) {
-	p := &uq.parks[i]
-	e := uq.q.Ents[i]
-	n, wait := readReply(p.h, e.Hdr, e.Out(), p.size, false)
-	if wait {
-		if !p.armed {
-			uq.arm(i)
-		}
-		return
+	if !uq.readParked(i) && !uq.parks[i].armed {
+		uq.arm(i)
 	}
-	uq.answerParked(i, n)
+}
+
+// readParked reads for parked entry i and answers it with the packet or
+// the error; it reports false, answering nothing, if there is no packet.
+func (uq *uringQueue) readParked(i int) bool {
+	p, e := &uq.parks[i], uq.q.Ents[i]
+	n, wait := readReply(p.h, e.Hdr, e.Out(), p.size, false)
+	if !wait {
+		uq.answerParked(i, n)
+	}
+	return !wait
 }
 
 // answerParked ends parked entry i's READ with the reply built in its Out
@@ -750,6 +749,12 @@ func (uq *uringQueue) answerParked(i, n int) {
 	uq.unpark(i, true)
 	uq.s.t.metrics.Request(opRead, start)
 	uq.commit(i, n)
+}
+
+// failParked ends parked entry i's READ with errno.
+func (uq *uringQueue) failParked(i int, errno syscall.Errno) {
+	e := uq.q.Ents[i]
+	uq.answerParked(i, errorReply(e.Hdr, e.Out(), errno))
 }
 
 // unpark ends entry i's park: the poll, if armed, is removed (unless the
@@ -771,8 +776,7 @@ func (uq *uringQueue) unpark(i int, removePoll bool) {
 func (uq *uringQueue) unparkAll(errno syscall.Errno) {
 	for i := range uq.parks {
 		if uq.parks[i].h != nil {
-			e := uq.q.Ents[i]
-			uq.answerParked(i, errorReply(e.Hdr, e.Out(), errno))
+			uq.failParked(i, errno)
 		}
 	}
 }
@@ -800,8 +804,7 @@ func (uq *uringQueue) readNotes(notes []note) {
 			case nt.node != nil && p.h.node == nt.node:
 				uq.retry(i)
 			case nt.node == nil && p.unique == nt.unique:
-				e := uq.q.Ents[i]
-				uq.answerParked(i, errorReply(e.Hdr, e.Out(), syscall.EINTR))
+				uq.failParked(i, syscall.EINTR)
 			}
 		}
 	}
