@@ -130,7 +130,7 @@ func TestExternalInterfaceIsAdoptedAndLeftAsMade(t *testing.T) {
 			}
 			syscall.Close(fd)
 			if c.mode == "tun" {
-				out, err := client("icmpecho", d.path(c.name), "198.18.0.2", "198.18.0.1", "3").CombinedOutput()
+				out, err := clientAfterClose("icmpecho", d.path(c.name), "198.18.0.2", "198.18.0.1", "3")
 				if err != nil {
 					t.Fatalf("icmpecho through the adopted %s: %v\n%s\n%s", c.name, err, out, d.log())
 				}

@@ -279,6 +279,22 @@ func client(name string, args ...string) *exec.Cmd {
 	return exec.Command(filepath.Join(binDir, name), args...)
 }
 
+// clientAfterClose runs a C client on a node this test has just closed.
+// The kernel delivers the last close (RELEASE) after close(2) returns, so
+// the client's own open may meet the node still open (EBUSY, as any
+// program reopening at once could): a client that failed so is run again,
+// for up to 5 s.
+func clientAfterClose(name string, args ...string) ([]byte, error) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		out, err := client(name, args...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "Device or resource busy") || time.Now().After(deadline) {
+			return out, err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // openDev opens a node with a plain blocking open(2) (not os.File, which
 // would put a FUSE file in Go's poller).
 func openDev(t *testing.T, path string) int {
