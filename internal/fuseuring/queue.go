@@ -81,9 +81,11 @@ type Queue struct {
 
 // NewQueue sets up the ring of queue qid on the /dev/fuse fd ffd, whose
 // entries get payload buffers of payload bytes; ringSize bounds the
-// commands submitted at once, not the entries.
+// commands submitted at once, not the entries. The caller is the thread
+// that serves the queue, locked to it (PinThread): the ring is a
+// NewThreadRing.
 func NewQueue(qid, ffd int, ringSize uint32, payload int) (*Queue, error) {
-	r, err := NewRing(ringSize)
+	r, err := NewThreadRing(ringSize)
 	if err != nil {
 		return nil, err
 	}

@@ -108,6 +108,8 @@ func PossibleCPUs() (int, error) {
 const (
 	ioringSetupCQSize  = 1 << 3
 	ioringSetupSQE128  = 1 << 10
+	ioringSetupSingle  = 1 << 12 // IORING_SETUP_SINGLE_ISSUER
+	ioringSetupDefer   = 1 << 13 // IORING_SETUP_DEFER_TASKRUN
 	ioringFeatSingleMm = 1 << 0
 	ioringFeatNoDrop   = 1 << 1
 	ioringOffSQRing    = 0
@@ -127,6 +129,7 @@ const (
 // thread only: the one that made it.
 type Ring struct {
 	fd                     int
+	deferred               bool // DEFER_TASKRUN: completions posted only in Enter
 	sqHead, sqTail, sqMask *uint32
 	sqArray                unsafe.Pointer
 	sqes                   []byte
@@ -139,16 +142,37 @@ type Ring struct {
 
 // NewRing sets up a ring of entries submission slots (and twice as many
 // completion slots; the kernel keeps overflowing completions, NODROP).
+// Any one thread at a time may use it.
 func NewRing(entries uint32) (*Ring, error) {
+	return newRing(entries, 0)
+}
+
+// NewThreadRing is NewRing for a ring that only the calling thread will
+// ever submit to and wait on; the caller must be locked to its thread
+// (PinThread), or the kernel refuses the submissions of any other
+// (EEXIST). The ring is then set up with IORING_SETUP_SINGLE_ISSUER and
+// IORING_SETUP_DEFER_TASKRUN, as the io_uring documentation recommends
+// for one thread per ring: the kernel queues the work that completes a
+// command (a FUSE request filling an entry, a poll firing) on the ring
+// itself, to be run when the thread waits in Enter, instead of as
+// task work that interrupts the thread wherever it is. Measured on the
+// 2-CPU machine (README, "What each change did"): pipelined 64 B over
+// FUSE about 6 % more packets per second, ping-pong about 1 µs less.
+// Completions are then posted only inside Enter.
+func NewThreadRing(entries uint32) (*Ring, error) {
+	return newRing(entries, ioringSetupSingle|ioringSetupDefer)
+}
+
+func newRing(entries, flags uint32) (*Ring, error) {
 	var p [120]byte // struct io_uring_params
 	ne := binary.NativeEndian
 	ne.PutUint32(p[4:], 2*entries) // cq_entries
-	ne.PutUint32(p[8:], ioringSetupSQE128|ioringSetupCQSize)
+	ne.PutUint32(p[8:], ioringSetupSQE128|ioringSetupCQSize|flags)
 	fd, _, e := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p[0])), 0)
 	if e != 0 {
 		return nil, fmt.Errorf("io_uring_setup: %w", e)
 	}
-	r := &Ring{fd: int(fd), entries: ne.Uint32(p[0:])}
+	r := &Ring{fd: int(fd), entries: ne.Uint32(p[0:]), deferred: flags&ioringSetupDefer != 0}
 	sqEntries, cqEntries, features := ne.Uint32(p[0:]), ne.Uint32(p[4:]), ne.Uint32(p[20:])
 	sq, cq := p[40:80], p[80:120] // io_sqring_offsets, io_cqring_offsets
 	sqLen := int(ne.Uint32(sq[24:])) + int(sqEntries)*4
@@ -213,14 +237,18 @@ func (r *Ring) sqe() []byte {
 }
 
 // Enter submits what is queued and, if wait, waits for a completion.
+// On a thread ring it also posts the completions that are ready, wait or
+// not (the deferred work runs only in io_uring_enter with GETEVENTS).
 func (r *Ring) Enter(wait bool) error {
 	atomic.StoreUint32(r.sqTail, r.tail)
 	toSubmit := r.tail - atomic.LoadUint32(r.sqHead)
 	var flags, minComplete uintptr
-	if wait {
+	switch {
+	case wait:
 		flags, minComplete = ioringEnterGetEv, 1
-	}
-	if toSubmit == 0 && !wait {
+	case r.deferred:
+		flags = ioringEnterGetEv // min_complete 0: post, do not wait
+	case toSubmit == 0:
 		return nil
 	}
 	_, _, e := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(toSubmit), minComplete, flags, 0, 0)

@@ -1,6 +1,7 @@
 package fuseuring_test
 
 import (
+	"runtime"
 	"testing"
 	"time"
 
@@ -40,12 +41,33 @@ func reapUntil(t *testing.T, r *fuseuring.Ring, want ...uint64) map[uint64]int32
 // readable, and not before; a poll removed completes with ECANCELED and
 // its removal with 0 (the transport parks a READ on the first, and ends
 // an interrupted park with the second).
+//
+// Both kinds of ring: a NewThreadRing (DEFER_TASKRUN, what a queue uses)
+// posts completions only inside Enter, so Enter without waiting must
+// still post the ones that are ready.
 func TestPollAddAndRemove(t *testing.T) {
-	r, err := fuseuring.NewRing(8)
-	if err != nil {
-		testenv.Unavailable(t, "io_uring", err)
+	for _, tc := range []struct {
+		name    string
+		newRing func(uint32) (*fuseuring.Ring, error)
+	}{
+		{"ring", fuseuring.NewRing},
+		{"thread ring", fuseuring.NewThreadRing},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// A thread ring refuses any thread but its maker's.
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			r, err := tc.newRing(8)
+			if err != nil {
+				testenv.Unavailable(t, "io_uring", err)
+			}
+			defer r.Close()
+			pollAddAndRemove(t, r)
+		})
 	}
-	defer r.Close()
+}
+
+func pollAddAndRemove(t *testing.T, r *fuseuring.Ring) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 		t.Fatal(err)
