@@ -5,8 +5,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cdevfs/cdevfs/internal/testenv"
 )
@@ -75,8 +77,41 @@ func TestSmoke(t *testing.T) {
 	if ok, why := uringAvailable(); !ok && !strings.Contains(table, "min-uring: n/a, "+why) {
 		t.Errorf("no word in the header on why min-uring is n/a (%s):\n%s", why, table)
 	}
+	if !strings.Contains(table, "machine floor: a thread round trip") {
+		t.Errorf("no machine floor line:\n%s", table)
+	}
 	if !strings.Contains(table, "cdevfs column: served over ") {
 		t.Errorf("no word in the header on the cdevfs column's transport:\n%s", table)
 	}
 	t.Logf("\n%s", table)
+}
+
+// TestThreadRoundTrip: the machine floor is measured on one CPU and, where
+// there are two, across them; a side that cannot start (a CPU that does
+// not exist) ends the measurement with its error instead of leaving the
+// other side waiting.
+func TestThreadRoundTrip(t *testing.T) {
+	cpus := []int{0}
+	if runtime.NumCPU() > 1 {
+		cpus = append(cpus, 1)
+	}
+	for _, cpu := range cpus {
+		d, err := threadRoundTrip(cpu, 200)
+		if err != nil || d <= 0 || d > time.Second {
+			t.Errorf("threadRoundTrip(%d, 200) = %v, %v; want a p50 above 0 and under 1 s", cpu, d, err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := threadRoundTrip(1023, 200)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Error("threadRoundTrip on CPU 1023 succeeded; want the pinning's error")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("threadRoundTrip on CPU 1023 still waiting after 10 s; want it to end with an error")
+	}
 }

@@ -580,8 +580,13 @@ func run(c *config) (err error) {
 			return err
 		}
 	}
+	floor, err := floorLine(c.rounds)
+	if err != nil {
+		return err
+	}
 	printHeader(os.Stdout, c, notes)
 	r.print(os.Stdout, cols)
+	fmt.Println(floor)
 	_ = nativeFds
 	return nil
 }
