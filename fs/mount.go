@@ -55,6 +55,25 @@ type Mount struct {
 // Dir is the mountpoint.
 func (m *Mount) Dir() string { return m.dir }
 
+// Done is closed when the mount stops being served: the kernel ended the
+// connection (an unmount, including one the daemon did not ask for, an
+// abort through fusectl, or Close), or an io_uring queue failed, which
+// leaves the requests of its CPU unanswered. A daemon shuts down on it,
+// as libfuse's loop ends when its mount is unmounted; its Unmount and
+// Close then abort what is left of the connection.
+func (m *Mount) Done() <-chan struct{} { return m.t.ended }
+
+// Err says why Done is closed: nil if the kernel ended the connection,
+// the failure otherwise (and nil while Done is open).
+func (m *Mount) Err() error {
+	select {
+	case <-m.t.ended:
+		return m.t.endErr
+	default:
+		return nil
+	}
+}
+
 // New mounts root at dir and starts serving it. It returns once the
 // kernel's INIT has been answered, so the mount is usable at once.
 func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {

@@ -50,6 +50,14 @@ type transport struct {
 	inited  chan struct{}  // closed once INIT is answered
 	initOne sync.Once
 
+	// ended is closed, once, when the connection stops being served: the
+	// kernel ended it (an unmount, an abort through fusectl, or Close) or
+	// an io_uring queue failed, with endErr saying how (written before
+	// ended is closed). Mount.Done.
+	ended   chan struct{}
+	endOnce sync.Once
+	endErr  error
+
 	// wantURing asks the kernel for FUSE over io_uring in INIT; uringErr
 	// says, once inited is closed, why the transport is not using it.
 	wantURing bool
@@ -78,7 +86,7 @@ const (
 )
 
 func newTransport(dev *os.File, log *slog.Logger, maxWrite int) *transport {
-	t := &transport{dev: dev, log: log, bufSize: maxWrite + 64*1024, inited: make(chan struct{}), fast: true}
+	t := &transport{dev: dev, log: log, bufSize: maxWrite + 64*1024, inited: make(chan struct{}), ended: make(chan struct{}), fast: true}
 	t.bufs.New = func() any {
 		b := make([]byte, 2*t.bufSize)
 		return &b
@@ -114,8 +122,14 @@ func (t *transport) reader() {
 			switch {
 			case errors.Is(err, syscall.EINTR), errors.Is(err, syscall.EAGAIN), errors.Is(err, syscall.ENOENT):
 				continue // ENOENT: the request was interrupted before we read it
-			default: // ENODEV: unmounted; os.ErrClosed: shut down
+			case errors.Is(err, syscall.ENODEV), errors.Is(err, os.ErrClosed):
+				// ENODEV: unmounted or aborted; os.ErrClosed: Close.
 				t.idle.Add(-1)
+				t.end(nil)
+				return
+			default:
+				t.idle.Add(-1)
+				t.end(fmt.Errorf("read /dev/fuse: %w", err))
 				return
 			}
 		}
@@ -128,6 +142,15 @@ func (t *transport) reader() {
 			return
 		}
 	}
+}
+
+// end says the connection stopped being served, the first time with err
+// (nil: the kernel ended it).
+func (t *transport) end(err error) {
+	t.endOnce.Do(func() {
+		t.endErr = err
+		close(t.ended)
+	})
 }
 
 // handle serves one request read from /dev/fuse and writes its reply.

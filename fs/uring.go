@@ -330,8 +330,8 @@ func (uq *uringQueue) run(started chan<- error) {
 	log := uq.s.t.log
 	for {
 		uq.armWake() // before every wait: setup's reap may have taken it
-		if err := uq.q.Ring.Enter(true); err != nil {
-			log.Error("FUSE io_uring queue", "queue", uq.qid, "err", err)
+		if err := uq.enter(true); err != nil {
+			uq.fail(err)
 			break
 		}
 		uq.q.Ring.Reap(uq.completed)
@@ -341,7 +341,7 @@ func (uq *uringQueue) run(started chan<- error) {
 			// daemon's close order) none is left; in a test's lazy
 			// unmount there may be: the device is going away.
 			uq.unparkAll(syscall.ENXIO)
-			if err := uq.q.Ring.Enter(false); err != nil {
+			if err := uq.enter(false); err != nil {
 				log.Error("FUSE io_uring queue", "queue", uq.qid, "err", err)
 			}
 		}
@@ -355,8 +355,8 @@ func (uq *uringQueue) run(started chan<- error) {
 			// Only once the entries added are in the kernel: a kick
 			// that finds none free is stranded itself.
 			uq.kickNext = false
-			if err := uq.q.Ring.Enter(false); err != nil {
-				log.Error("FUSE io_uring queue", "queue", uq.qid, "err", err)
+			if err := uq.enter(false); err != nil {
+				uq.fail(err)
 				break
 			}
 			uq.kick()
@@ -368,6 +368,32 @@ func (uq *uringQueue) run(started chan<- error) {
 	// The entries are freed only if the kernel gave every one back and no
 	// goroutine still writes a reply into one.
 	uq.release(uq.waiting == 0 && uq.handedOff == 0)
+}
+
+// ringFault, when set (tests only), is asked before each io_uring_enter of
+// a queue for an error to fail with, as if the ring had broken.
+var ringFault atomic.Pointer[func(qid int) error]
+
+// enter submits, and waits if wait (fuseuring.Ring.Enter).
+func (uq *uringQueue) enter(wait bool) error {
+	if f := ringFault.Load(); f != nil {
+		if err := (*f)(uq.qid); err != nil {
+			return err
+		}
+	}
+	return uq.q.Ring.Enter(wait)
+}
+
+// fail ends the queue's loop on an error of its ring. The kernel still
+// puts the requests of the queue's CPU on it, and nothing would answer
+// them: every process touching the mount from that CPU would hang. So
+// the whole connection is given up (Mount.Done): the daemon shuts down
+// in its close order, and the unmount and Close abort the connection,
+// which ends those requests with ENOTCONN.
+func (uq *uringQueue) fail(err error) {
+	err = fmt.Errorf("FUSE io_uring queue %d: %w", uq.qid, err)
+	uq.s.t.log.Error("FUSE io_uring queue failed; the connection is given up", "queue", uq.qid, "err", err)
+	uq.s.t.end(err)
 }
 
 // kickName is the name the kicker looks up: never a node, never cached

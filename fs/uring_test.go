@@ -2,11 +2,13 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -212,4 +214,113 @@ func TestRemountSameRootListsOnce(t *testing.T) {
 			seen[e.Name()] = true
 		}
 	}
+}
+
+// TestMountDoneWhenServingEnds: Done is closed, with Err nil, when the
+// mount is unmounted under its owner (over /dev/fuse and over io_uring),
+// and with the failure when an io_uring queue's ring fails, whose CPU's
+// requests nothing would answer; the owner's Unmount and Close then end
+// everything, and a request made after them fails instead of hanging.
+func TestMountDoneWhenServingEnds(t *testing.T) {
+	setURing(t, "Y")
+	waitDone := func(t *testing.T, m *Mount, why string) {
+		t.Helper()
+		select {
+		case <-m.Done():
+		case <-time.After(5 * time.Second):
+			t.Fatalf("Done still open 5 s after %s; want it closed", why)
+		}
+	}
+	for _, mode := range []IOURing{IOURingOff, IOURingOn} {
+		t.Run("unmounted/"+iouringNames[mode], func(t *testing.T) {
+			dir, _, m, err := fakeMount(t, mode)
+			if err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-m.Done():
+				t.Fatal("Done closed on a mount being served")
+			default:
+			}
+			if _, err := os.Stat(filepath.Join(dir, "tun0")); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Unmount(dir, 0); err != nil {
+				t.Fatal(err)
+			}
+			waitDone(t, m, "an unmount")
+			if err := m.Err(); err != nil {
+				t.Errorf("Err after an unmount = %v, want nil", err)
+			}
+		})
+	}
+	t.Run("ring failed", func(t *testing.T) {
+		// fd is held open across the failure: the unmount is then a lazy
+		// one, and the mount's files still reach the connection. It is
+		// closed after the mount's own cleanup (cleanups run last first),
+		// whose Close aborts the connection: a close of it sends a FLUSH,
+		// which on queue 0's CPU would otherwise wait for ever if this
+		// test fails.
+		fd := -1
+		t.Cleanup(func() {
+			if fd >= 0 {
+				unix.Close(fd)
+			}
+		})
+		dir, _, m, err := fakeMount(t, IOURingOn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd, err = unix.Open(filepath.Join(dir, "tun0"), unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		broken := errors.New("ring broken by the test")
+		fault := func(qid int) error {
+			if qid == 0 {
+				return broken
+			}
+			return nil
+		}
+		ringFault.Store(&fault)
+		defer ringFault.Store(nil)
+		m.t.uring.Load().queues[0].wake() // to its next io_uring_enter
+		waitDone(t, m, "queue 0's ring failed")
+		if err := m.Err(); !errors.Is(err, broken) {
+			t.Errorf("Err after a ring failure = %v, want it to wrap %v", err, broken)
+		}
+		// What the daemon does next (its shutdown's unmount and Close), then
+		// a request from queue 0's CPU on the file still open: it must
+		// fail, not wait for a queue that is gone.
+		closed := make(chan struct{})
+		go func() {
+			defer close(closed)
+			if err := m.Unmount(); err != nil {
+				t.Error(err)
+			}
+			m.Close()
+		}()
+		select {
+		case <-closed:
+		case <-time.After(10 * time.Second):
+			t.Fatal("Unmount and Close not done 10 s after a ring failure")
+		}
+		res := make(chan error, 1)
+		go func() {
+			runtime.LockOSThread() // the thread ends with the goroutine
+			var set unix.CPUSet
+			set.Set(0)
+			_ = unix.SchedSetaffinity(0, &set)
+			_, err := unix.Read(fd, make([]byte, 2048))
+			res <- err
+		}()
+		select {
+		case err := <-res:
+			if err != unix.ENOTCONN && err != unix.ECONNABORTED {
+				t.Errorf("a read after the failed mount was closed = %v, want ENOTCONN or ECONNABORTED", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("a read from CPU 0 still waiting 5 s after the failed mount was closed")
+		}
+	})
 }
