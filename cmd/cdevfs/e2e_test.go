@@ -351,6 +351,44 @@ func TestShutdownRevokesAndCleansUp(t *testing.T) {
 	}
 }
 
+// TestUnmountStopsDaemon: `umount MOUNTPOINT` by an administrator stops
+// the daemon as a signal would (as fusermount -u ends a libfuse daemon):
+// it exits with status 0 and the interfaces it made are gone with it.
+func TestUnmountStopsDaemon(t *testing.T) {
+	d := startDaemon(t)
+	if _, err := os.Stat(d.path("tun0")); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := os.Open("/proc/" + strconv.Itoa(d.cmd.Process.Pid) + "/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	if err := syscall.Unmount(d.dir, 0); err != nil {
+		t.Fatalf("umount %s: %v", d.dir, err)
+	}
+	select {
+	case <-d.done:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("cdevfs still running 20 s after its mount was unmounted; want it to shut down:\n%s", d.log())
+	}
+	if d.err != nil {
+		t.Errorf("cdevfs exited with %v after an unmount, want status 0:\n%s", d.err, d.log())
+	}
+	if !strings.Contains(d.log(), "unmounted") {
+		t.Errorf("no word in the log on the unmount:\n%s", d.log())
+	}
+	cmd := exec.Command("nsenter", "--net=/proc/self/fd/3", "ip", "-o", "link", "show")
+	cmd.ExtraFiles = []*os.File{ns}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip link in the daemon's namespace: %v %s", err, out)
+	}
+	if strings.Contains(string(out), "tun0") {
+		t.Errorf("after the daemon stopped its namespace still has %s, want tun0 destroyed", out)
+	}
+}
+
 // TestInterruptedReadEnds: `timeout 1 cat tun0` ends after about a second
 // (the FUSE INTERRUPT ends the blocked read with EINTR).
 func TestInterruptedReadEnds(t *testing.T) {

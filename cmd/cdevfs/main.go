@@ -134,7 +134,8 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// serve mounts the tree at dir and serves it until ctx ends, then shuts
+// serve mounts the tree at dir and serves it until ctx ends or the mount
+// does (Mount.Done: unmounted, aborted, its transport failed), then shuts
 // down in the fixed order: stop accepting (no clone), revoke every node,
 // drain in-flight operations, unmount, destroy the interfaces cdevfs
 // created, close the fds. notify, if not nil, is told READY=1 once the
@@ -236,14 +237,27 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, noti
 	if notify != nil {
 		notify(sd.SdNotifyReady)
 	}
-	<-ctx.Done()
-	log.Info("shutting down", "mountpoint", m.Dir())
+	// A signal, or the mount ending under the daemon: unmounted by an
+	// administrator (umount, as fusermount -u ends a libfuse daemon), its
+	// connection aborted, or its transport failed. Either way the daemon
+	// shuts down in its close order, so the interfaces it made go too.
+	var failed error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down", "mountpoint", m.Dir())
+	case <-m.Done():
+		if failed = m.Err(); failed != nil {
+			log.Error("the mount failed; shutting down", "mountpoint", m.Dir(), "error", failed)
+		} else {
+			log.Warn("the mount was unmounted or its connection aborted; shutting down", "mountpoint", m.Dir())
+		}
+	}
 	if notify != nil {
 		notify(sd.SdNotifyStopping)
 	}
 	shutdown()
 	log.Info("stopped")
-	return nil
+	return failed
 }
 
 // follow makes the tree follow the kernel until stopWatch closes: one
