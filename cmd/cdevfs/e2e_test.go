@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -319,11 +318,7 @@ func TestShutdownRevokesAndCleansUp(t *testing.T) {
 	if _, err := os.Stat(d.path("tap1")); err != nil {
 		t.Fatal(err)
 	}
-	ns, err := os.Open("/proc/" + strconv.Itoa(d.cmd.Process.Pid) + "/ns/net")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	links := d.holdNetns()
 	res := make(chan error, 1)
 	go func() {
 		_, err := readRetry(fd, make([]byte, 2048))
@@ -340,13 +335,8 @@ func TestShutdownRevokesAndCleansUp(t *testing.T) {
 		t.Fatal("blocked read still blocked 5s after the daemon stopped")
 	}
 	// The namespace outlives the daemon while we hold it: it must be empty.
-	cmd := exec.Command("nsenter", "--net=/proc/self/fd/3", "ip", "-o", "link", "show")
-	cmd.ExtraFiles = []*os.File{ns}
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("ip link in the daemon's namespace: %v %s", err, out)
-	}
-	if strings.Contains(string(out), "tun0") || strings.Contains(string(out), "tap1") {
+	out := links()
+	if strings.Contains(out, "tun0") || strings.Contains(out, "tap1") {
 		t.Errorf("after shutdown the namespace still has %s, want the interfaces cdevfs created destroyed", out)
 	}
 }
@@ -359,11 +349,7 @@ func TestUnmountStopsDaemon(t *testing.T) {
 	if _, err := os.Stat(d.path("tun0")); err != nil {
 		t.Fatal(err)
 	}
-	ns, err := os.Open("/proc/" + strconv.Itoa(d.cmd.Process.Pid) + "/ns/net")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	links := d.holdNetns()
 	if err := syscall.Unmount(d.dir, 0); err != nil {
 		t.Fatalf("umount %s: %v", d.dir, err)
 	}
@@ -378,13 +364,7 @@ func TestUnmountStopsDaemon(t *testing.T) {
 	if !strings.Contains(d.log(), "unmounted") {
 		t.Errorf("no word in the log on the unmount:\n%s", d.log())
 	}
-	cmd := exec.Command("nsenter", "--net=/proc/self/fd/3", "ip", "-o", "link", "show")
-	cmd.ExtraFiles = []*os.File{ns}
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("ip link in the daemon's namespace: %v %s", err, out)
-	}
-	if strings.Contains(string(out), "tun0") {
+	if out := links(); strings.Contains(out, "tun0") {
 		t.Errorf("after the daemon stopped its namespace still has %s, want tun0 destroyed", out)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -208,6 +209,29 @@ func (d *daemon) stop() {
 	}
 	if b, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(b), " "+d.dir+" ") {
 		t.Errorf("mount %s still there after cdevfs exited", d.dir)
+	}
+}
+
+// holdNetns keeps the daemon's network namespace alive past the daemon's
+// exit, until the test ends, and returns what lists its links then
+// (`ip -o link show`).
+func (d *daemon) holdNetns() func() string {
+	t := d.t
+	t.Helper()
+	ns, err := os.Open("/proc/" + strconv.Itoa(d.cmd.Process.Pid) + "/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	return func() string {
+		t.Helper()
+		cmd := exec.Command("nsenter", "--net=/proc/self/fd/3", "ip", "-o", "link", "show")
+		cmd.ExtraFiles = []*os.File{ns}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("ip link in the daemon's namespace: %v %s", err, out)
+		}
+		return string(out)
 	}
 }
 
