@@ -392,6 +392,10 @@ func (uq *uringQueue) enter(wait bool) error {
 // which ends those requests with ENOTCONN.
 func (uq *uringQueue) fail(err error) {
 	err = fmt.Errorf("FUSE io_uring queue %d: %w", uq.qid, err)
+	if uq.stopping.Load() { // the connection is being closed anyway
+		uq.s.t.log.Error("FUSE io_uring queue", "queue", uq.qid, "err", err)
+		return
+	}
 	uq.s.t.log.Error("FUSE io_uring queue failed; the connection is given up", "queue", uq.qid, "err", err)
 	uq.s.t.end(err)
 }
