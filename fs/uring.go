@@ -1,10 +1,13 @@
 package fs
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -65,6 +68,7 @@ const (
 	// queue with none waits there, whatever the other queues have.
 	ringEntries    = 8
 	ringMinWaiting = 2
+	ringMaxGrow    = 32 // entries added at once (grow)
 	ringSQSize     = 64 // commands submitted at once, not an entry bound
 )
 
@@ -119,6 +123,7 @@ type uringQueue struct {
 	handedOff int          // entries whose request a goroutine serves
 	nParked   int          // entries whose READ is parked
 	entries   atomic.Int32 // len(q.Ents), for readers outside the thread
+	holding   atomic.Int32 // handedOff+nParked as of the last wait, for tests
 
 	// parks[i] is entry i's parked READ, if any (park).
 	parks []parkedRead
@@ -148,17 +153,30 @@ type uringQueue struct {
 	earlyI int // the next slot of early to fill
 
 	// Stranded requests (see kick): low says the queue ran low on
-	// entries since the last kick; kicking, that a round of kicks is
-	// under way; kickEnt is the entry that answered the round's last
-	// kick (-1 none) and kickGot says a request came to it after.
-	low      bool
-	torn     bool // the kernel ended an entry with ENOTCONN: the connection is gone
-	kicking  bool
-	kickEnt  int
-	kickGot  bool
-	kickNext bool          // send a kick once what is queued is submitted
-	kicks    atomic.Int32  // kicks answered, for tests
-	kickc    chan struct{} // to the kicker: one LOOKUP of kickName
+	// entries since the last kick was answered, lowSent since the last
+	// one was sent; kicking, that a round of kicks is under way;
+	// kickEnt is the entry that answered the round's last kick (-1 none)
+	// and kickGot says a request from the kernel's list came to it after.
+	low       bool
+	lowSent   bool
+	torn      bool // the kernel ended an entry with ENOTCONN: the connection is gone
+	kicking   bool
+	kickEnt   int
+	kickGot   bool
+	kickSent  bool // kickEnt's commit is submitted (see serveKick)
+	kickEmpty int  // kicks in a row whose commit fetched nothing
+	kickNext  bool // send a kick once what is queued is submitted
+	// Kicks out: each has a slot, its name (kickNameOf), while it is out
+	// (sent, not answered: its thread may be stranded with the rest).
+	// kickSeq numbers the kicks sent, kickSlotSeq[slot] is the number of
+	// the slot's kick, kickCommitSeq was kickSeq when kickEnt's commit
+	// was queued: a kick numbered after it was sent after that commit.
+	kickFree      []int
+	kickSeq       uint64
+	kickSlotSeq   [maxKicks]uint64
+	kickCommitSeq uint64
+	kicks         atomic.Int32 // kicks answered, for tests
+	kickDir       string       // the mountpoint
 }
 
 // answer is a handed-off request's reply, n bytes in its entry's Out.
@@ -198,16 +216,18 @@ func (t *transport) startURing() error {
 	s := &uringServer{t: t}
 	for qid := range nq {
 		s.queues = append(s.queues, &uringQueue{s: s, qid: qid, in: make([]byte, t.bufSize), efdBuf: make([]byte, 8),
-			efd: -1, kickEnt: -1, kickc: make(chan struct{}, 1)})
+			efd: -1, kickEnt: -1, kickDir: t.dir})
+		for slot := range maxKicks {
+			s.queues[qid].kickFree = append(s.queues[qid].kickFree, slot)
+		}
 	}
 	// Published before any queue serves a request: a revoke or INTERRUPT
 	// for a READ parked in one must find it.
 	t.uring.Store(s)
 	errs := make(chan error, nq)
 	for _, uq := range s.queues {
-		t.readers.Add(2)
+		t.readers.Add(1)
 		go uq.run(errs)
-		go uq.kicker(filepath.Join(t.dir, kickName))
 	}
 	for range nq {
 		if e := <-errs; e != nil && err == nil {
@@ -318,7 +338,6 @@ func (uq *uringQueue) armWake() {
 // run is the queue's thread.
 func (uq *uringQueue) run(started chan<- error) {
 	defer uq.s.t.readers.Done()
-	defer close(uq.kickc) // ends the kicker, whatever ends the queue
 	fuseuring.PinThread(uq.qid)
 	err := uq.setup()
 	started <- err
@@ -334,7 +353,9 @@ func (uq *uringQueue) run(started chan<- error) {
 			uq.fail(err)
 			break
 		}
+		uq.kickSent = true
 		uq.q.Ring.Reap(uq.completed)
+		uq.holding.Store(int32(uq.handedOff + uq.nParked))
 		stopping := uq.stopping.Load() // once: parks answered are parks ended
 		if stopping && uq.nParked > 0 {
 			// After the registry's shutdown has revoked every node (the
@@ -351,7 +372,13 @@ func (uq *uringQueue) run(started chan<- error) {
 		if uq.low && !uq.kicking && uq.handedOff+uq.nParked > 0 {
 			uq.kicking, uq.kickEnt, uq.kickNext = true, -1, true
 		}
-		if uq.kickNext {
+		if uq.kicking && uq.lowSent && len(uq.kickFree) < maxKicks {
+			// The queue grew after the last kick went out: that kick
+			// may have found no free entry and be stranded with the
+			// rest, and only a kick sent now finds the new one.
+			uq.kickNext = true
+		}
+		if uq.kickNext && len(uq.kickFree) > 0 {
 			// Only once the entries added are in the kernel: a kick
 			// that finds none free is stranded itself.
 			uq.kickNext = false
@@ -359,6 +386,7 @@ func (uq *uringQueue) run(started chan<- error) {
 				uq.fail(err)
 				break
 			}
+			uq.kickSent = true
 			uq.kick()
 		}
 	}
@@ -411,55 +439,115 @@ const kickName = ".cdevfs-io-uring-kick"
 // burst took every entry, and the entries all went to READs waiting for
 // packets, a request that came during the burst would wait until one of
 // those READs is answered: a deadlock if it is the write their packets
-// wait for. The queue adds entries as READs take them (handOff), but a
+// wait for. The queue adds entries as READs take them (grow), but a
 // burst can still drain it between two reaps (the kernel sees a new entry
 // only at the next submit). So whenever READs took the queue low, a kick
-// round runs (a mitigation, not a cure: a kick finds no free entry in a
-// burst faster than the queue grows, and is stranded with the rest; the
-// README says how often TestURingCarriesRequests sees it):
-// the queue's kicker, a thread on the queue's CPU, looks up kickName,
-// which lands on the queue; answering it commits an entry, which fetches
-// one stranded request. Kicks go on while the last kick's entry got a
-// request after its commit (there may be more), or the queue ran low
-// again since, and stop once neither happened. A queue with a READ or two
+// round runs (the README says what TestURingCarriesRequests measures of
+// it): a thread on the queue's CPU looks up a kick name, which lands on
+// the queue; answering it commits an entry, which fetches one stranded
+// request. Kicks go on while a kick's entry got a request from the list
+// after its commit (there may be more), or the queue ran low again since,
+// and stop once kickEmptyEnd kicks in a row found nothing. A kick sent
+// while the burst still takes
+// every new entry is stranded itself, and its thread waits with the rest:
+// so each kick has a thread of its own, and the queue sends another
+// whenever it grew since the last one went out (at most maxKicks out at
+// once). The kick sent after the burst's last new entry finds that entry
+// free, and its answer starts the fetching. A queue with a READ or two
 // waiting at a time (a ping-pong) never runs low, so it never kicks.
 func (uq *uringQueue) kick() {
-	select {
-	case uq.kickc <- struct{}{}:
-	default:
-	}
+	slot := uq.kickFree[len(uq.kickFree)-1]
+	uq.kickFree = uq.kickFree[:len(uq.kickFree)-1]
+	uq.kickSeq++
+	uq.kickSlotSeq[slot] = uq.kickSeq
+	uq.lowSent = false
+	uq.s.t.readers.Add(1) // the queue's thread holds one: never from zero
+	go uq.sendKick(filepath.Join(uq.kickDir, kickNameOf(uq.qid, slot)))
 }
 
-// kicker sends the queue's kicks, from the queue's CPU.
-func (uq *uringQueue) kicker(path string) {
+// maxKicks bounds the kicks a queue has out at once: a stranded one holds
+// a thread until a commit fetches it.
+const maxKicks = 16
+
+// kickEmptyEnd is how many kicks in a row must find the list empty for a
+// round to end (serveKick).
+const kickEmptyEnd = 2
+
+// sendKick looks up a kick's name (path) from the queue's CPU. The thread
+// stays locked when the goroutine returns, so the runtime ends it rather
+// than reuse a thread pinned to one CPU.
+//
+// Each kick out has a name of its own: the VFS lets one lookup of a name
+// in a directory run at a time (d_alloc_parallel), so kicks of one name
+// would wait behind a stranded one without ever reaching the queue.
+func (uq *uringQueue) sendKick(path string) {
 	defer uq.s.t.readers.Done()
 	fuseuring.PinThread(uq.qid)
 	var st unix.Stat_t
-	for range uq.kickc {
-		_ = unix.Lstat(path, &st) // ENOENT, from the queue
-	}
+	_ = unix.Lstat(path, &st) // ENOENT, from the queue
 }
 
-// isKick says whether entry e holds the kicker's lookup.
-func isKick(e *fuseuring.Entry) bool {
+// kickNameOf is the name kick slot of queue qid looks up.
+func kickNameOf(qid, slot int) string {
+	return kickName + "." + strconv.Itoa(qid) + "." + strconv.Itoa(slot)
+}
+
+// kickOf says whether entry e holds a kick's lookup, and if so whose:
+// the queue and the slot in its name.
+func kickOf(e *fuseuring.Entry) (qid, slot int, ok bool) {
 	const opLookup = 1
 	n := e.PayloadSize()
-	return e.Op() == opLookup && binary.NativeEndian.Uint64(e.Hdr[16:]) == 1 && // the root
-		n == len(kickName)+1 && string(e.Pay[:n-1]) == kickName
+	if e.Op() != opLookup || binary.NativeEndian.Uint64(e.Hdr[16:]) != 1 || // the root
+		n <= len(kickPrefix) || n > len(e.Pay) || !bytes.HasPrefix(e.Pay[:n-1], kickPrefix) {
+		return 0, 0, false
+	}
+	q, sl, found := strings.Cut(string(e.Pay[len(kickPrefix):n-1]), ".")
+	qid, err1 := strconv.Atoi(q)
+	slot, err2 := strconv.Atoi(sl)
+	if !found || err1 != nil || err2 != nil || slot < 0 || slot >= maxKicks {
+		return 0, 0, true // a kick's name, not one a queue sent: answered all the same
+	}
+	return qid, slot, true
+}
+
+var kickPrefix = []byte(kickName + ".")
+
+// fromList says whether the request entry i got came from the kernel's
+// list (see kick): anything but a kick sent after the entry's commit.
+func (uq *uringQueue) fromList(i int) bool {
+	qid, slot, ok := kickOf(uq.q.Ents[i])
+	return !ok || qid != uq.qid || uq.kickSlotSeq[slot] <= uq.kickCommitSeq
 }
 
 // serveKick answers a kick, and sends the next one if the last one's
-// entry got a request (see kick).
+// entry got a request from the list (see kick).
 func (uq *uringQueue) serveKick(i int) {
 	e := uq.q.Ents[i]
 	uq.kicks.Add(1)
-	again := uq.kicking && (uq.kickEnt < 0 || uq.kickGot || uq.low)
-	uq.kickEnt, uq.kickGot, uq.low = i, false, false
+	if qid, slot, _ := kickOf(e); qid == uq.qid && uq.kickSlotSeq[slot] != 0 {
+		// Not a kick of another queue's (its thread could not be
+		// pinned to that queue's CPU), nor one answered already.
+		uq.kickSlotSeq[slot] = 0
+		uq.kickFree = append(uq.kickFree, slot)
+	}
+	// Whether the last kick's commit fetched a request is known only once
+	// that commit was submitted (two kicks answered in one reap, stranded
+	// ones fetched in turn, do not know it), and even then its completion
+	// may come after a later kick's: so the round ends only after
+	// kickEmptyEnd kicks in a row found the list empty.
+	if uq.kickEnt < 0 || uq.kickGot || uq.low || !uq.kickSent {
+		uq.kickEmpty = 0
+	} else {
+		uq.kickEmpty++
+	}
+	again := uq.kicking && uq.kickEmpty < kickEmptyEnd
+	uq.kickEnt, uq.kickGot, uq.low, uq.kickSent = i, false, false, false
+	uq.kickCommitSeq = uq.kickSeq
 	uq.commit(i, errorReply(e.Hdr, e.Out(), syscall.ENOENT))
 	if again {
 		uq.kickNext = true
 	} else {
-		uq.kicking, uq.kickEnt = false, -1
+		uq.kicking, uq.kickEnt, uq.kickEmpty = false, -1, 0
 	}
 }
 
@@ -482,12 +570,12 @@ func (uq *uringQueue) completed(ud uint64, res int32) {
 	switch {
 	case res == 0:
 		uq.waiting--
-		if isKick(uq.q.Ents[i]) {
+		if i == uq.kickEnt && uq.fromList(i) {
+			uq.kickGot = true // a stranded kick too, not the next kick
+		}
+		if _, _, ok := kickOf(uq.q.Ents[i]); ok {
 			uq.serveKick(i)
 			return
-		}
-		if i == uq.kickEnt {
-			uq.kickGot = true
 		}
 		uq.serve(i)
 	case res == -int32(unix.EINTR) || res == -int32(unix.EAGAIN):
@@ -565,16 +653,26 @@ func (uq *uringQueue) handOff(i int, in []byte) {
 	uq.grow()
 }
 
-// grow adds an entry if too few are left waiting, now that entry i is
+// grow adds entries if too few are left waiting, now that an entry is
 // held (handed off or parked) for as long as its READ waits.
 func (uq *uringQueue) grow() {
 	t := uq.s.t
-	if uq.waiting < ringMinWaiting {
-		// The kernel may have run out of entries before it sees the new
-		// one: a request may be stranded (kick).
-		uq.low = true
+	if uq.waiting >= ringMinWaiting {
+		return
+	}
+	// The kernel may have run out of entries before it sees the new
+	// ones: a request may be stranded (kick).
+	uq.low, uq.lowSent = true, true
+	// Reads that took the queue low come in a burst, which is likely to
+	// go on: every request of it that finds no free entry is stranded,
+	// and so is a kick sent while it lasts. So the queue grows by half
+	// the entries it holds (as a slice does), at most ringMaxGrow at a
+	// time: a burst of n reads takes it low about log n times, not n.
+	want := min(max(ringMinWaiting, (uq.handedOff+uq.nParked)/2), ringMaxGrow)
+	for uq.waiting < want {
 		if err := uq.addEntry(); err != nil {
 			t.log.Error("FUSE io_uring queue cannot grow", "queue", uq.qid, "entries", len(uq.q.Ents), "err", err)
+			return
 		}
 	}
 }
