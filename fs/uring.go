@@ -505,7 +505,7 @@ func kickOf(e *fuseuring.Entry) (qid, slot int, ok bool) {
 	qid, err1 := strconv.Atoi(q)
 	slot, err2 := strconv.Atoi(sl)
 	if !found || err1 != nil || err2 != nil || slot < 0 || slot >= maxKicks {
-		return 0, 0, true // a kick's name, not one a queue sent: answered all the same
+		return -1, 0, true // a kick's name, not one a queue sent: answered all the same
 	}
 	return qid, slot, true
 }
