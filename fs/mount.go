@@ -196,6 +196,15 @@ func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 // Unmount detaches the mount: a plain unmount, or a lazy one if files on
 // it are still open (their owners then see ENOTCONN once Close runs).
 func (m *Mount) Unmount() error {
+	if m.Err() != nil {
+		// An io_uring queue failed: the kernel still puts its CPU's
+		// requests on it, and nothing answers them. A LOOKUP among them
+		// holds its directory's lock, so the invalidator's notification
+		// for that directory (stopInval waits for it) would never end,
+		// and neither would the unmount. MNT_FORCE aborts the connection
+		// first (fuse_umount_begin), which ends every request.
+		_ = unix.Unmount(m.dir, unix.MNT_FORCE)
+	}
 	err := unix.Unmount(m.dir, 0)
 	if errors.Is(err, unix.EBUSY) {
 		err = unix.Unmount(m.dir, unix.MNT_DETACH)
