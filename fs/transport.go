@@ -61,7 +61,7 @@ type transport struct {
 	// wantURing asks the kernel for FUSE over io_uring in INIT; uringErr
 	// says, once inited is closed, why the transport is not using it.
 	wantURing bool
-	dir       string // the mountpoint, where a queue's kicks look up
+	dir       string // the mountpoint, whose statfs a queue's kicks ask
 	uringErr  error
 	uring     atomic.Pointer[uringServer] // set once the queues start
 }

@@ -1,13 +1,10 @@
 package fs
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"path/filepath"
-	"strconv"
-	"strings"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -108,8 +105,8 @@ type uringServer struct {
 }
 
 // uringQueue is one queue. Its thread owns q, in, parks and the counts;
-// mu guards done, which handoff goroutines append to, notes, the eventfd
-// and early; the parks slice and its uniques are written under it too,
+// mu guards done, which handoff goroutines append to, notes, kicksBack,
+// the eventfd and early; the parks slice and its uniques are written under it too,
 // as interrupt scans them from a /dev/fuse reader. No lock is shared by
 // the queues: a queue's mu is contended only by an INTERRUPT, a revoke
 // or a handed-off reply.
@@ -166,17 +163,31 @@ type uringQueue struct {
 	kickSent  bool // kickEnt's commit is submitted (see serveKick)
 	kickEmpty int  // kicks in a row whose commit fetched nothing
 	kickNext  bool // send a kick once what is queued is submitted
-	// Kicks out: each has a slot, its name (kickNameOf), while it is out
-	// (sent, not answered: its thread may be stranded with the rest).
-	// kickSeq numbers the kicks sent, kickSlotSeq[slot] is the number of
-	// the slot's kick, kickCommitSeq was kickSeq when kickEnt's commit
-	// was queued: a kick numbered after it was sent after that commit.
-	kickFree      []int
+	// kicksOut are the kicks whose thread has not returned yet (some
+	// may be stranded with the rest), unanswered how many of them the
+	// queue has not answered. kickSeq numbers the kicks sent;
+	// kickCommitSeq was kickSeq when kickEnt's commit was queued: a kick
+	// numbered after it was sent after that commit. kickMissed says a
+	// kick's thread returned unanswered (logged once).
+	kicksOut      []*kickOut
+	unanswered    int
 	kickSeq       uint64
-	kickSlotSeq   [maxKicks]uint64
 	kickCommitSeq uint64
+	kickMissed    bool
 	kicks         atomic.Int32 // kicks answered, for tests
+	kicksMissed   atomic.Int32 // kicks back unanswered, for tests
 	kickDir       string       // the mountpoint
+	kicksBack     []*kickOut   // kicks whose thread returned; guarded by mu
+}
+
+// kickOut is a kick sent (kick). Its thread stores its tid before its
+// request, and the queue's thread reads it (kickIn); the rest is the
+// queue thread's.
+type kickOut struct {
+	tid      atomic.Int32
+	seq      uint64
+	answered bool
+	err      error // why the thread could not send it (set before it is back)
 }
 
 // answer is a handed-off request's reply, n bytes in its entry's Out.
@@ -217,9 +228,6 @@ func (t *transport) startURing() error {
 	for qid := range nq {
 		s.queues = append(s.queues, &uringQueue{s: s, qid: qid, in: make([]byte, t.bufSize), efdBuf: make([]byte, 8),
 			efd: -1, kickEnt: -1, kickDir: t.dir})
-		for slot := range maxKicks {
-			s.queues[qid].kickFree = append(s.queues[qid].kickFree, slot)
-		}
 	}
 	// Published before any queue serves a request: a revoke or INTERRUPT
 	// for a READ parked in one must find it.
@@ -338,7 +346,9 @@ func (uq *uringQueue) armWake() {
 // run is the queue's thread.
 func (uq *uringQueue) run(started chan<- error) {
 	defer uq.s.t.readers.Done()
-	fuseuring.PinThread(uq.qid)
+	// Unpinned, the queue still serves the requests of its CPU, from
+	// another; only its kicks cannot reach it (kicksReturned says so).
+	_ = fuseuring.PinThread(uq.qid)
 	err := uq.setup()
 	started <- err
 	if err != nil {
@@ -353,7 +363,7 @@ func (uq *uringQueue) run(started chan<- error) {
 			uq.fail(err)
 			break
 		}
-		uq.kickSent = true
+		uq.kickSent = uq.kickSent || uq.q.Ring.Submitted()
 		uq.q.Ring.Reap(uq.completed)
 		uq.holding.Store(int32(uq.handedOff + uq.nParked))
 		stopping := uq.stopping.Load() // once: parks answered are parks ended
@@ -372,13 +382,13 @@ func (uq *uringQueue) run(started chan<- error) {
 		if uq.low && !uq.kicking && uq.handedOff+uq.nParked > 0 {
 			uq.kicking, uq.kickEnt, uq.kickNext = true, -1, true
 		}
-		if uq.kicking && uq.lowSent && len(uq.kickFree) < maxKicks {
+		if uq.kicking && uq.lowSent && uq.unanswered > 0 {
 			// The queue grew after the last kick went out: that kick
 			// may have found no free entry and be stranded with the
 			// rest, and only a kick sent now finds the new one.
 			uq.kickNext = true
 		}
-		if uq.kickNext && len(uq.kickFree) > 0 {
+		if uq.kickNext {
 			// Only once the entries added are in the kernel: a kick
 			// that finds none free is stranded itself.
 			uq.kickNext = false
@@ -386,7 +396,7 @@ func (uq *uringQueue) run(started chan<- error) {
 				uq.fail(err)
 				break
 			}
-			uq.kickSent = true
+			uq.kickSent = uq.kickSent || uq.q.Ring.Submitted()
 			uq.kick()
 		}
 	}
@@ -428,10 +438,6 @@ func (uq *uringQueue) fail(err error) {
 	uq.s.t.end(err)
 }
 
-// kickName is the name the kicker looks up: never a node, never cached
-// (negative entries are not), so each lookup is a request to the queue.
-const kickName = ".cdevfs-io-uring-kick"
-
 // A request the kernel puts on a queue with no entry waiting is kept in
 // the queue's list, and only COMMIT_AND_FETCH takes from that list: an
 // entry registered later does not (fuse_uring_do_register in
@@ -443,92 +449,128 @@ const kickName = ".cdevfs-io-uring-kick"
 // burst can still drain it between two reaps (the kernel sees a new entry
 // only at the next submit). So whenever READs took the queue low, a kick
 // round runs (the README says what TestURingCarriesRequests measures of
-// it): a thread on the queue's CPU looks up a kick name, which lands on
-// the queue; answering it commits an entry, which fetches one stranded
-// request. Kicks go on while a kick's entry got a request from the list
-// after its commit (there may be more), or the queue ran low again since,
-// and stop once kickEmptyEnd kicks in a row found nothing. A kick sent
-// while the burst still takes
-// every new entry is stranded itself, and its thread waits with the rest:
-// so each kick has a thread of its own, and the queue sends another
-// whenever it grew since the last one went out (at most maxKicks out at
-// once). The kick sent after the burst's last new entry finds that entry
-// free, and its answer starts the fetching. A queue with a READ or two
-// waiting at a time (a ping-pong) never runs low, so it never kicks.
+// it): a thread on the queue's CPU asks statfs of the mount, a request
+// that lands on the queue; answering it commits an entry, which fetches
+// one stranded request. Kicks go on while a kick's entry got a request
+// from the list after its commit (there may be more), or the queue ran
+// low again since, and stop once kickEmptyEnd kicks in a row found
+// nothing.
+//
+// A kick sent while the burst still takes every new entry is stranded
+// itself, and its thread waits with the rest: so each kick has a thread
+// of its own, and the queue sends another whenever it grew since the
+// last one went out. The kick sent after the burst's last new entry finds
+// that entry free, and its answer starts the fetching. Nothing else
+// bounds the kicks out, on purpose: with a bound, a burst that stranded
+// that many kicks would leave the queue unable to send the one that
+// finds the new entries free. Their number is bounded all the same: one a
+// round, plus one a growth (each adds two entries or more, and a queue
+// grows only while READs hold its entries), so at most about half the
+// READs the queue held at once (TestURingCarriesRequests saw at most 10
+// out with 2,051 READs). A queue with a READ or two waiting at a time (a
+// ping-pong) never runs low, so it never kicks.
+//
+// A kick is a STATFS, not a LOOKUP: a stranded LOOKUP holds its
+// directory's lock (shared), an invalidation of an entry there waits for
+// it (exclusive), and every later LOOKUP in the directory, the next kick
+// too, would wait behind that. statfs takes no directory lock, and
+// the kernel never answers it from a cache. The queue knows its kicks by
+// the sending thread's tid, which the kernel puts in the request.
 func (uq *uringQueue) kick() {
-	slot := uq.kickFree[len(uq.kickFree)-1]
-	uq.kickFree = uq.kickFree[:len(uq.kickFree)-1]
 	uq.kickSeq++
-	uq.kickSlotSeq[slot] = uq.kickSeq
+	k := &kickOut{seq: uq.kickSeq}
+	uq.kicksOut = append(uq.kicksOut, k)
+	uq.unanswered++
 	uq.lowSent = false
 	uq.s.t.readers.Add(1) // the queue's thread holds one: never from zero
-	go uq.sendKick(filepath.Join(uq.kickDir, kickNameOf(uq.qid, slot)))
+	go uq.sendKick(k)
 }
-
-// maxKicks bounds the kicks a queue has out at once: a stranded one holds
-// a thread until a commit fetches it.
-const maxKicks = 16
 
 // kickEmptyEnd is how many kicks in a row must find the list empty for a
 // round to end (serveKick).
 const kickEmptyEnd = 2
 
-// sendKick looks up a kick's name (path) from the queue's CPU. The thread
-// stays locked when the goroutine returns, so the runtime ends it rather
-// than reuse a thread pinned to one CPU.
-//
-// Each kick out has a name of its own: the VFS lets one lookup of a name
-// in a directory run at a time (d_alloc_parallel), so kicks of one name
-// would wait behind a stranded one without ever reaching the queue.
-func (uq *uringQueue) sendKick(path string) {
+// sendKick sends kick k from the queue's CPU, and tells the queue when
+// it returns (kickBack). The thread stays locked when the goroutine
+// returns, so the runtime ends it rather than reuse a thread pinned to
+// one CPU.
+func (uq *uringQueue) sendKick(k *kickOut) {
 	defer uq.s.t.readers.Done()
-	fuseuring.PinThread(uq.qid)
-	var st unix.Stat_t
-	_ = unix.Lstat(path, &st) // ENOENT, from the queue
-}
-
-// kickNameOf is the name kick slot of queue qid looks up.
-func kickNameOf(qid, slot int) string {
-	return kickName + "." + strconv.Itoa(qid) + "." + strconv.Itoa(slot)
-}
-
-// kickOf says whether entry e holds a kick's lookup, and if so whose:
-// the queue and the slot in its name.
-func kickOf(e *fuseuring.Entry) (qid, slot int, ok bool) {
-	const opLookup = 1
-	n := e.PayloadSize()
-	if e.Op() != opLookup || binary.NativeEndian.Uint64(e.Hdr[16:]) != 1 || // the root
-		n <= len(kickPrefix) || n > len(e.Pay) || !bytes.HasPrefix(e.Pay[:n-1], kickPrefix) {
-		return 0, 0, false
+	if err := fuseuring.PinThread(uq.qid); err != nil {
+		// The CPU is not the daemon's to run on (a cpuset, taskset,
+		// systemd's CPUAffinity=) or went offline: the kick would land
+		// on another queue.
+		k.err = err
+	} else {
+		k.tid.Store(int32(unix.Gettid()))
+		var st unix.Statfs_t
+		_ = unix.Statfs(uq.kickDir, &st) // answered by the queue (serveKick)
 	}
-	q, sl, found := strings.Cut(string(e.Pay[len(kickPrefix):n-1]), ".")
-	qid, err1 := strconv.Atoi(q)
-	slot, err2 := strconv.Atoi(sl)
-	if !found || err1 != nil || err2 != nil || slot < 0 || slot >= maxKicks {
-		return -1, 0, true // a kick's name, not one a queue sent: answered all the same
-	}
-	return qid, slot, true
+	uq.mu.Lock()
+	uq.kicksBack = append(uq.kicksBack, k)
+	uq.wakeLocked()
+	uq.mu.Unlock()
 }
 
-var kickPrefix = []byte(kickName + ".")
+// kickIn says whether entry i holds one of this queue's kicks, and which.
+func (uq *uringQueue) kickIn(i int) *kickOut {
+	const opStatfs = 17
+	e := uq.q.Ents[i]
+	if e.Op() != opStatfs || len(uq.kicksOut) == 0 {
+		return nil
+	}
+	pid := int32(binary.NativeEndian.Uint32(e.Hdr[32:])) // fuse_in_header.pid: the sender's tid
+	for _, k := range uq.kicksOut {
+		if k.tid.Load() == pid {
+			return k
+		}
+	}
+	return nil
+}
+
+// kicksReturned takes in the kicks whose thread returned. One the queue
+// did not answer went elsewhere: its thread could not run on the queue's
+// CPU, or the mountpoint no longer leads to the mount (a lazy unmount,
+// a mount over it). No kick of this queue can reach it then, so the
+// round ends, and the log says so, once.
+func (uq *uringQueue) kicksReturned(back []*kickOut) {
+	for _, k := range back {
+		uq.kicksOut = slices.DeleteFunc(uq.kicksOut, func(o *kickOut) bool { return o == k })
+		if k.answered {
+			continue
+		}
+		uq.unanswered--
+		uq.kicksMissed.Add(1)
+		if !uq.kickMissed {
+			uq.kickMissed = true
+			err := k.err
+			if err == nil {
+				err = errors.New("its statfs of " + uq.kickDir + " did not reach the queue")
+			}
+			uq.s.t.log.Warn("FUSE io_uring queue cannot send kicks: a request stranded there waits until a request on the queue is answered",
+				"queue", uq.qid, "err", err)
+		}
+		// Another round starts only when the queue runs low again.
+		uq.kicking, uq.kickEnt, uq.kickEmpty, uq.kickNext = false, -1, 0, false
+		uq.low, uq.lowSent = false, false
+	}
+}
 
 // fromList says whether the request entry i got came from the kernel's
 // list (see kick): anything but a kick sent after the entry's commit.
 func (uq *uringQueue) fromList(i int) bool {
-	qid, slot, ok := kickOf(uq.q.Ents[i])
-	return !ok || qid != uq.qid || uq.kickSlotSeq[slot] <= uq.kickCommitSeq
+	k := uq.kickIn(i)
+	return k == nil || k.seq <= uq.kickCommitSeq
 }
 
 // serveKick answers a kick, and sends the next one if the last one's
 // entry got a request from the list (see kick).
-func (uq *uringQueue) serveKick(i int) {
+func (uq *uringQueue) serveKick(i int, k *kickOut) {
 	e := uq.q.Ents[i]
 	uq.kicks.Add(1)
-	if qid, slot, _ := kickOf(e); qid == uq.qid && uq.kickSlotSeq[slot] != 0 {
-		// Not a kick of another queue's (its thread could not be
-		// pinned to that queue's CPU), nor one answered already.
-		uq.kickSlotSeq[slot] = 0
-		uq.kickFree = append(uq.kickFree, slot)
+	if !k.answered {
+		k.answered = true
+		uq.unanswered--
 	}
 	// Whether the last kick's commit fetched a request is known only once
 	// that commit was submitted (two kicks answered in one reap, stranded
@@ -543,7 +585,7 @@ func (uq *uringQueue) serveKick(i int) {
 	again := uq.kicking && uq.kickEmpty < kickEmptyEnd
 	uq.kickEnt, uq.kickGot, uq.low, uq.kickSent = i, false, false, false
 	uq.kickCommitSeq = uq.kickSeq
-	uq.commit(i, errorReply(e.Hdr, e.Out(), syscall.ENOENT))
+	uq.commit(i, errorReply(e.Hdr, e.Out(), syscall.EAGAIN)) // the kick's thread ignores it
 	if again {
 		uq.kickNext = true
 	} else {
@@ -556,9 +598,10 @@ func (uq *uringQueue) completed(ud uint64, res int32) {
 	switch {
 	case ud == eventUserData:
 		uq.efdArmed = false
-		done, notes := uq.takeSent()
+		done, notes, back := uq.takeSent()
 		uq.commitAnswers(done)
 		uq.readNotes(notes)
+		uq.kicksReturned(back)
 		return
 	case ud&pollTag != 0:
 		uq.polled(int(uint32(ud)), uint32(ud>>32)&genMask, res)
@@ -573,8 +616,8 @@ func (uq *uringQueue) completed(ud uint64, res int32) {
 		if i == uq.kickEnt && uq.fromList(i) {
 			uq.kickGot = true // a stranded kick too, not the next kick
 		}
-		if _, _, ok := kickOf(uq.q.Ents[i]); ok {
-			uq.serveKick(i)
+		if k := uq.kickIn(i); k != nil {
+			uq.serveKick(i, k)
 			return
 		}
 		uq.serve(i)
@@ -678,13 +721,13 @@ func (uq *uringQueue) grow() {
 }
 
 // takeSent takes what the queue was sent since it last looked: the
-// replies of handed-off requests, and notes.
-func (uq *uringQueue) takeSent() (done []answer, notes []note) {
+// replies of handed-off requests, notes, and kicks back.
+func (uq *uringQueue) takeSent() (done []answer, notes []note, back []*kickOut) {
 	uq.mu.Lock()
 	defer uq.mu.Unlock()
-	done, notes = uq.done, uq.notes
-	uq.done, uq.notes = nil, nil
-	return done, notes
+	done, notes, back = uq.done, uq.notes, uq.kicksBack
+	uq.done, uq.notes, uq.kicksBack = nil, nil, nil
+	return done, notes, back
 }
 
 // commitAnswers commits the replies of handed-off requests.

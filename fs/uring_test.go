@@ -117,79 +117,144 @@ func blockedReadsReachDaemon(t *testing.T, n int) {
 	if err != nil {
 		t.Fatalf("mount with io_uring on: %v", err)
 	}
-	fdsOf := make([]int, n)
+	b := openBurst(t, dir, n)
+	b.start()
+	deadline := time.Now().Add(5 * time.Second)
+	for h, _, _ := ringState(m); h < n && time.Now().Before(deadline); h, _, _ = ringState(m) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if h, kicks, _ := ringState(m); h < n {
+		t.Errorf("the daemon holds %d of %d blocked reads 5 s after they were made (kicks answered per queue %v): %d stranded in the kernel's queue list, want none", h, n, kicks, n-h)
+	}
+	// The kicks' round ends once nothing is left in the list.
+	kicksSettle(t, m)
+	if err := unix.Statfs(dir, new(unix.Statfs_t)); err != nil {
+		t.Errorf("statfs of the mount after kick rounds: %v; want go-fuse's answer, not a kick's", err)
+	}
+	b.answer(t, fake)
+}
+
+// TestURingKickThatMissesEndsRound: a kick that cannot reach its queue
+// (here the mountpoint leads elsewhere after a lazy unmount, as when the
+// daemon may not run on the queue's CPU) ends its round instead of
+// leaving it open, and the reads stranded for want of kicks are answered
+// all the same once packets come and their queue commits again.
+func TestURingKickThatMissesEndsRound(t *testing.T) {
+	setURing(t, "Y")
+	dir, fake, m, err := fakeMount(t, IOURingOn)
+	if err != nil {
+		t.Fatalf("mount with io_uring on: %v", err)
+	}
+	n := 2*ringEntries*len(m.t.uring.Load().queues) + 3
+	b := openBurst(t, dir, n)
+	if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	b.start()
+	deadline := time.Now().Add(5 * time.Second)
+	for _, _, missed := ringState(m); missed == 0 && time.Now().Before(deadline); _, _, missed = ringState(m) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, kicks, missed := ringState(m); missed == 0 || slices.ContainsFunc(kicks, func(k int32) bool { return k != 0 }) {
+		t.Errorf("kicks answered per queue %v, missed %d after a lazy unmount; want none answered, some missed", kicks, missed)
+	}
+	kicksSettle(t, m)
+	b.answer(t, fake)
+}
+
+// ringState sums what the mount's queues hold (READs handed off or
+// parked), and gives the kicks they answered and the kicks that missed.
+func ringState(m *Mount) (held int, kicks []int32, missed int) {
+	for _, uq := range m.t.uring.Load().queues {
+		held += int(uq.holding.Load())
+		kicks = append(kicks, uq.kicks.Load())
+		missed += int(uq.kicksMissed.Load())
+	}
+	return held, kicks, missed
+}
+
+// kicksSettle fails the test unless the queues stop sending kicks within
+// 2 s: a round of kicks ends.
+func kicksSettle(t *testing.T, m *Mount) {
+	t.Helper()
+	_, last, lastMissed := ringState(m)
+	for settled := time.Now().Add(2 * time.Second); ; {
+		time.Sleep(100 * time.Millisecond)
+		_, kicks, missed := ringState(m)
+		if slices.Equal(kicks, last) && missed == lastMissed {
+			return
+		}
+		if time.Now().After(settled) {
+			t.Errorf("kicks answered per queue went from %v to %v (missed from %d to %d) in the last 100 ms, 2 s after the burst: a round of kicks that does not end", last, kicks, lastMissed, missed)
+			return
+		}
+		last, lastMissed = kicks, missed
+	}
+}
+
+// burst is n reads, each on a clone of its own (tun0 to tunN-1), made
+// at once.
+type burst struct {
+	fds   []int
+	got   []string
+	errs  []error
+	wg    sync.WaitGroup
+	start func()
+}
+
+// openBurst opens the clones and readies the reads; start makes them.
+func openBurst(t *testing.T, dir string, n int) *burst {
+	t.Helper()
+	b := &burst{fds: make([]int, n), got: make([]string, n), errs: make([]error, n)}
 	for i := range n {
 		fd, err := unix.Open(filepath.Join(dir, "tun"), unix.O_RDWR|unix.O_CLOEXEC, 0)
 		if err != nil {
 			t.Fatalf("open clone node #%d: %v", i, err)
 		}
-		fdsOf[i] = fd
-		defer unix.Close(fd)
+		b.fds[i] = fd
+		t.Cleanup(func() { unix.Close(fd) })
 	}
-	var wg sync.WaitGroup
-	got := make([]string, n)
-	errs := make([]error, n)
-	start := make(chan struct{})
-	for i, fd := range fdsOf {
-		wg.Add(1)
+	go_ := make(chan struct{})
+	b.start = sync.OnceFunc(func() { close(go_) })
+	for i, fd := range b.fds {
+		b.wg.Add(1)
 		go func() {
-			defer wg.Done()
-			b := make([]byte, 2048)
-			<-start
-			k, err := unix.Read(fd, b)
+			defer b.wg.Done()
+			buf := make([]byte, 2048)
+			<-go_
+			k, err := unix.Read(fd, buf)
 			for err == unix.EINTR { // the runtime's preemption signal interrupts the FUSE read
-				k, err = unix.Read(fd, b)
+				k, err = unix.Read(fd, buf)
 			}
-			got[i], errs[i] = string(b[:max(k, 0)]), err
+			b.got[i], b.errs[i] = string(buf[:max(k, 0)]), err
 		}()
 	}
-	close(start)
-	holding := func() (h int, kicks []int32) {
-		for _, uq := range m.t.uring.Load().queues {
-			h += int(uq.holding.Load())
-			kicks = append(kicks, uq.kicks.Load())
-		}
-		return h, kicks
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for h, _ := holding(); h < n && time.Now().Before(deadline); h, _ = holding() {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if h, kicks := holding(); h < n {
-		t.Errorf("the daemon holds %d of %d blocked reads 5 s after they were made (kicks answered per queue %v): %d stranded in the kernel's queue list, want none", h, n, kicks, n-h)
-	}
-	// The kicks' round ends once nothing is left in the list.
-	_, last := holding()
-	for settled := time.Now().Add(2 * time.Second); ; {
-		time.Sleep(100 * time.Millisecond)
-		_, kicks := holding()
-		if slices.Equal(kicks, last) {
-			break
-		}
-		if time.Now().After(settled) {
-			t.Errorf("kicks answered per queue went from %v to %v in the last 100 ms, 2 s after the burst: a round of kicks that does not end", last, kicks)
-			break
-		}
-		last = kicks
-	}
-	for i := range n {
+	t.Cleanup(b.start) // a test that stops early must not leave them waiting
+	return b
+}
+
+// answer sends each read its packet and checks that every one gets it,
+// then that each clone still takes a write.
+func (b *burst) answer(t *testing.T, fake *cloner.Fake) {
+	t.Helper()
+	for i := range b.fds {
 		if err := fake.Inject(fmt.Sprintf("tun%d", i), []byte(fmt.Sprintf("packet %d", i))); err != nil {
 			t.Fatal(err)
 		}
 	}
 	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
+	go func() { b.wg.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatalf("blocked reads not answered 10 s after their packets came")
 	}
-	for i := range n {
-		if want := fmt.Sprintf("packet %d", i); errs[i] != nil || got[i] != want {
-			t.Errorf("read on tun%d: %q, %v; want %q", i, got[i], errs[i], want)
+	for i := range b.fds {
+		if want := fmt.Sprintf("packet %d", i); b.errs[i] != nil || b.got[i] != want {
+			t.Errorf("read on tun%d: %q, %v; want %q", i, b.got[i], b.errs[i], want)
 		}
 	}
-	for _, fd := range fdsOf {
+	for _, fd := range b.fds {
 		if k, err := unix.Write(fd, []byte("an outgoing packet")); err != nil || k != 18 {
 			t.Errorf("write: %d, %v; want 18", k, err)
 		}

@@ -240,7 +240,7 @@ func uringServe(args []string) int {
 	errs, ended := make(chan error, nq), make(chan struct{}, nq)
 	for qid := range nq {
 		go func() {
-			fuseuring.PinThread(qid) // for ever: the ring is this thread's
+			_ = fuseuring.PinThread(qid) // for ever: the ring is this thread's
 			q, err := newUringQueue(qid, ffd, tfd)
 			if err == nil {
 				err = q.register()

@@ -55,13 +55,17 @@ import (
 // PinThread locks the calling goroutine to its thread for good (the
 // thread ends with it) and pins the thread to cpu: a queue's ring is
 // filled in the context of the thread that submitted its commands, and
-// the kernel puts a request on the queue of its sender's CPU. An offline
-// CPU's queue is then served from anywhere.
-func PinThread(cpu int) {
+// the kernel puts a request on the queue of its sender's CPU. It fails
+// where the CPU is offline or not the process's to run on (a cpuset,
+// taskset): the thread then runs anywhere, locked all the same.
+func PinThread(cpu int) error {
 	runtime.LockOSThread()
 	var set unix.CPUSet
 	set.Set(cpu)
-	_ = unix.SchedSetaffinity(0, &set)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		return fmt.Errorf("pin a thread to CPU %d: %w", cpu, err)
+	}
+	return nil
 }
 
 // EnableParam is the fuse module parameter that allows FUSE over io_uring.
@@ -256,6 +260,12 @@ func (r *Ring) Enter(wait bool) error {
 		return fmt.Errorf("io_uring_enter: %w", e)
 	}
 	return nil
+}
+
+// Submitted says whether the kernel took every command queued: Enter
+// returns nil on EAGAIN and EBUSY, which may leave some for the next.
+func (r *Ring) Submitted() bool {
+	return atomic.LoadUint32(r.sqHead) == r.tail
 }
 
 // Reap calls f on every completion waiting.
