@@ -106,8 +106,8 @@ type uringServer struct {
 
 // uringQueue is one queue. Its thread owns q, in, parks and the counts;
 // mu guards done, which handoff goroutines append to, notes, kicksBack,
-// the eventfd and early; the parks slice and its uniques are written under it too,
-// as interrupt scans them from a /dev/fuse reader. No lock is shared by
+// the eventfd and early; the parks slice and its uniques are written
+// under it too, as interrupt scans them from a /dev/fuse reader. No lock is shared by
 // the queues: a queue's mu is contended only by an INTERRUPT, a revoke
 // or a handed-off reply.
 type uringQueue struct {
@@ -164,19 +164,14 @@ type uringQueue struct {
 	kickEmpty int  // kicks in a row whose commit fetched nothing
 	kickNext  bool // send a kick once what is queued is submitted
 	// kicksOut are the kicks whose thread has not returned yet (some
-	// may be stranded with the rest), unanswered how many of them the
-	// queue has not answered. kickSeq numbers the kicks sent;
+	// may be stranded with the rest). kickSeq numbers the kicks sent;
 	// kickCommitSeq was kickSeq when kickEnt's commit was queued: a kick
-	// numbered after it was sent after that commit. kickMissed says a
-	// kick's thread returned unanswered (logged once).
+	// numbered after it was sent after that commit.
 	kicksOut      []*kickOut
-	unanswered    int
 	kickSeq       uint64
 	kickCommitSeq uint64
-	kickMissed    bool
 	kicks         atomic.Int32 // kicks answered, for tests
-	kicksMissed   atomic.Int32 // kicks back unanswered, for tests
-	kickDir       string       // the mountpoint
+	kicksMissed   atomic.Int32 // kicks back unanswered (the first is logged)
 	kicksBack     []*kickOut   // kicks whose thread returned; guarded by mu
 }
 
@@ -227,7 +222,7 @@ func (t *transport) startURing() error {
 	s := &uringServer{t: t}
 	for qid := range nq {
 		s.queues = append(s.queues, &uringQueue{s: s, qid: qid, in: make([]byte, t.bufSize), efdBuf: make([]byte, 8),
-			efd: -1, kickEnt: -1, kickDir: t.dir})
+			efd: -1, kickEnt: -1})
 	}
 	// Published before any queue serves a request: a revoke or INTERRUPT
 	// for a READ parked in one must find it.
@@ -382,7 +377,7 @@ func (uq *uringQueue) run(started chan<- error) {
 		if uq.low && !uq.kicking && uq.handedOff+uq.nParked > 0 {
 			uq.kicking, uq.kickEnt, uq.kickNext = true, -1, true
 		}
-		if uq.kicking && uq.lowSent && uq.unanswered > 0 {
+		if uq.kicking && uq.lowSent && uq.kickUnanswered() {
 			// The queue grew after the last kick went out: that kick
 			// may have found no free entry and be stranded with the
 			// rest, and only a kick sent now finds the new one.
@@ -480,7 +475,6 @@ func (uq *uringQueue) kick() {
 	uq.kickSeq++
 	k := &kickOut{seq: uq.kickSeq}
 	uq.kicksOut = append(uq.kicksOut, k)
-	uq.unanswered++
 	uq.lowSent = false
 	uq.s.t.readers.Add(1) // the queue's thread holds one: never from zero
 	go uq.sendKick(k)
@@ -504,7 +498,7 @@ func (uq *uringQueue) sendKick(k *kickOut) {
 	} else {
 		k.tid.Store(int32(unix.Gettid()))
 		var st unix.Statfs_t
-		_ = unix.Statfs(uq.kickDir, &st) // answered by the queue (serveKick)
+		_ = unix.Statfs(uq.s.t.dir, &st) // answered by the queue (serveKick)
 	}
 	uq.mu.Lock()
 	uq.kicksBack = append(uq.kicksBack, k)
@@ -539,13 +533,10 @@ func (uq *uringQueue) kicksReturned(back []*kickOut) {
 		if k.answered {
 			continue
 		}
-		uq.unanswered--
-		uq.kicksMissed.Add(1)
-		if !uq.kickMissed {
-			uq.kickMissed = true
+		if uq.kicksMissed.Add(1) == 1 {
 			err := k.err
 			if err == nil {
-				err = errors.New("its statfs of " + uq.kickDir + " did not reach the queue")
+				err = errors.New("its statfs of " + uq.s.t.dir + " did not reach the queue")
 			}
 			uq.s.t.log.Warn("FUSE io_uring queue cannot send kicks: a request stranded there waits until a request on the queue is answered",
 				"queue", uq.qid, "err", err)
@@ -554,6 +545,11 @@ func (uq *uringQueue) kicksReturned(back []*kickOut) {
 		uq.kicking, uq.kickEnt, uq.kickEmpty, uq.kickNext = false, -1, 0, false
 		uq.low, uq.lowSent = false, false
 	}
+}
+
+// kickUnanswered says whether a kick sent is not answered yet.
+func (uq *uringQueue) kickUnanswered() bool {
+	return slices.ContainsFunc(uq.kicksOut, func(k *kickOut) bool { return !k.answered })
 }
 
 // fromList says whether the request entry i got came from the kernel's
@@ -568,10 +564,7 @@ func (uq *uringQueue) fromList(i int) bool {
 func (uq *uringQueue) serveKick(i int, k *kickOut) {
 	e := uq.q.Ents[i]
 	uq.kicks.Add(1)
-	if !k.answered {
-		k.answered = true
-		uq.unanswered--
-	}
+	k.answered = true
 	// Whether the last kick's commit fetched a request is known only once
 	// that commit was submitted (two kicks answered in one reap, stranded
 	// ones fetched in turn, do not know it), and even then its completion

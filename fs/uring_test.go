@@ -214,14 +214,14 @@ func openBurst(t *testing.T, dir string, n int) *burst {
 		b.fds[i] = fd
 		t.Cleanup(func() { unix.Close(fd) })
 	}
-	go_ := make(chan struct{})
-	b.start = sync.OnceFunc(func() { close(go_) })
+	begin := make(chan struct{})
+	b.start = sync.OnceFunc(func() { close(begin) })
 	for i, fd := range b.fds {
 		b.wg.Add(1)
 		go func() {
 			defer b.wg.Done()
 			buf := make([]byte, 2048)
-			<-go_
+			<-begin
 			k, err := unix.Read(fd, buf)
 			for err == unix.EINTR { // the runtime's preemption signal interrupts the FUSE read
 				k, err = unix.Read(fd, buf)
