@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -118,20 +120,43 @@ func TestInvalidationDuringLookupDoesNotDeadlock(t *testing.T) {
 }
 
 // abortFuse aborts the FUSE connection of the mount whose device is dev,
-// through the fusectl filesystem (mounted here if it is not): the way out
-// of a deadlocked mount that no signal can end.
+// through the fusectl filesystem: the way out of a deadlocked mount that
+// no signal can end.
 func abortFuse(t *testing.T, dev uint64) {
-	ctl := "/sys/fs/fuse/connections"
-	if entries, err := os.ReadDir(ctl); err != nil || len(entries) == 0 { // fusectl is not mounted there
-		ctl = t.TempDir()
-		if err := unix.Mount("fusectl", ctl, "fusectl", 0, ""); err != nil {
-			t.Logf("mount fusectl: %v; cannot abort the connection", err)
-			return
-		}
-		defer unix.Unmount(ctl, unix.MNT_DETACH)
-	}
-	abort := filepath.Join(ctl, fmt.Sprint(unix.Minor(dev)), "abort")
+	abort := filepath.Join(fusectl(t), fmt.Sprint(unix.Minor(dev)), "abort")
 	if err := os.WriteFile(abort, []byte("1"), 0); err != nil {
 		t.Logf("abort the FUSE connection: %v", err)
 	}
+}
+
+// fuseWaiting is the number of requests the FUSE connection of the mount
+// whose device is dev has sent and not had answered (fusectl's waiting;
+// ctl is where fusectl is).
+func fuseWaiting(t *testing.T, ctl string, dev uint64) int {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(ctl, fmt.Sprint(unix.Minor(dev)), "waiting"))
+	if err != nil {
+		t.Fatalf("the connection's count of waiting requests: %v", err)
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("fusectl's waiting: %v", err)
+	}
+	return n
+}
+
+// fusectl is where the fusectl filesystem is: /sys/fs/fuse/connections,
+// or a mount of it made here for the test if nothing is mounted there.
+func fusectl(t *testing.T) string {
+	ctl := "/sys/fs/fuse/connections"
+	if entries, err := os.ReadDir(ctl); err == nil && len(entries) > 0 {
+		return ctl
+	}
+	ctl = t.TempDir()
+	if err := unix.Mount("fusectl", ctl, "fusectl", 0, ""); err != nil {
+		t.Logf("mount fusectl: %v", err)
+		return ctl
+	}
+	t.Cleanup(func() { unix.Unmount(ctl, unix.MNT_DETACH) })
+	return ctl
 }

@@ -377,20 +377,7 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		broken := errors.New("ring broken by the test")
-		fault := func(qid int) error {
-			if qid == 0 {
-				return broken
-			}
-			return nil
-		}
-		ringFault.Store(&fault)
-		defer ringFault.Store(nil)
-		m.t.uring.Load().queues[0].wake() // to its next io_uring_enter
-		waitDone(t, m, "queue 0's ring failed")
-		if err := m.Err(); !errors.Is(err, broken) {
-			t.Errorf("Err after a ring failure = %v, want it to wrap %v", err, broken)
-		}
+		breakQueue0(t, m)
 		// What the daemon does next (its shutdown's unmount and Close), then
 		// a request from queue 0's CPU on the file still open: it must
 		// fail, not wait for a queue that is gone.
@@ -407,15 +394,10 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("Unmount and Close not done 10 s after a ring failure")
 		}
-		res := make(chan error, 1)
-		go func() {
-			runtime.LockOSThread() // the thread ends with the goroutine
-			var set unix.CPUSet
-			set.Set(0)
-			_ = unix.SchedSetaffinity(0, &set)
+		res := onCPU0(func() error {
 			_, err := unix.Read(fd, make([]byte, 2048))
-			res <- err
-		}()
+			return err
+		})
 		select {
 		case err := <-res:
 			if err != unix.ENOTCONN && err != unix.ECONNABORTED {
@@ -425,4 +407,109 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 			t.Fatal("a read from CPU 0 still waiting 5 s after the failed mount was closed")
 		}
 	})
+	t.Run("ring failed under a lookup", func(t *testing.T) {
+		// A LOOKUP the kernel put on the failed queue holds the root's
+		// lock until the connection ends, and an entry invalidation of
+		// the root waits for that lock: Unmount, which waits for the
+		// invalidation, must end the connection first (MNT_FORCE).
+		dir, _, m, err := fakeMount(t, IOURingOn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(dir, &st); err != nil {
+			t.Fatal(err)
+		}
+		breakQueue0(t, m)
+		// Until the kernel has cancelled the failed ring's entries, a
+		// request may still be given one, and ends with ECANCELED when
+		// it cannot be sent: the LOOKUP is made again until it waits.
+		ctl := fusectl(t)
+		var lookup <-chan error
+		for try := 0; lookup == nil; try++ {
+			if try == 50 {
+				t.Fatal("a LOOKUP of tun7 from CPU 0 never waited on the failed queue: each ended with ECANCELED")
+			}
+			waiting0 := fuseWaiting(t, ctl, st.Dev)
+			l := onCPU0(func() error {
+				var ts unix.Stat_t
+				return unix.Stat(filepath.Join(dir, "tun7"), &ts)
+			})
+			select {
+			case err := <-l:
+				if err != unix.ECANCELED {
+					t.Fatalf("the LOOKUP of tun7 from CPU 0 on a failed queue = %v, want it to wait", err)
+				}
+				continue
+			case <-time.After(200 * time.Millisecond):
+			}
+			if n := fuseWaiting(t, ctl, st.Dev); n <= waiting0 {
+				t.Fatalf("a LOOKUP on the failed queue is not counted as waiting (%d, %d before)", n, waiting0)
+			}
+			lookup = l
+		}
+		m.inval.entry("tun1")
+		time.Sleep(100 * time.Millisecond) // the invalidation now waits in the kernel for the root's lock
+		closed := make(chan struct{})
+		go func() {
+			defer close(closed)
+			if err := m.Unmount(); err != nil {
+				t.Error(err)
+			}
+			m.Close()
+		}()
+		select {
+		case <-closed:
+		case <-time.After(10 * time.Second):
+			abortFuse(t, st.Dev) // the only way out, for the cleanups
+			<-closed
+			t.Fatal("Unmount and Close not done 10 s after a ring failure, with a LOOKUP on the failed queue and an invalidation waiting for it")
+		}
+		select {
+		case err := <-lookup:
+			if err != unix.ENOTCONN && err != unix.ECONNABORTED {
+				t.Errorf("the LOOKUP on the failed queue ended with %v, want ENOTCONN or ECONNABORTED", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("the LOOKUP on the failed queue still waiting 5 s after the mount was closed")
+		}
+	})
+}
+
+// breakQueue0 makes queue 0's ring fail at its next io_uring_enter, and
+// checks that the mount says so.
+func breakQueue0(t *testing.T, m *Mount) {
+	t.Helper()
+	broken := errors.New("ring broken by the test")
+	fault := func(qid int) error {
+		if qid == 0 {
+			return broken
+		}
+		return nil
+	}
+	ringFault.Store(&fault)
+	t.Cleanup(func() { ringFault.Store(nil) })
+	m.t.uring.Load().queues[0].wake() // to its next io_uring_enter
+	select {
+	case <-m.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done still open 5 s after queue 0's ring failed; want it closed")
+	}
+	if err := m.Err(); !errors.Is(err, broken) {
+		t.Errorf("Err after a ring failure = %v, want it to wrap %v", err, broken)
+	}
+}
+
+// onCPU0 runs f on a thread of its own pinned to CPU 0, so that the
+// requests f makes go to io_uring queue 0, and sends what f returns.
+func onCPU0(f func() error) <-chan error {
+	res := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // the thread ends with the goroutine
+		var set unix.CPUSet
+		set.Set(0)
+		_ = unix.SchedSetaffinity(0, &set)
+		res <- f()
+	}()
+	return res
 }
