@@ -118,12 +118,20 @@ func (t *transport) reader() {
 	in, out := (*bp)[:t.bufSize], (*bp)[t.bufSize:]
 	for {
 		n, err := t.dev.Read(in)
+		if err != nil && readOutcome(err) == readFailed {
+			// Go's poller says "not pollable" when epoll reported
+			// EPOLLERR for the fd before the reader waited, and
+			// /dev/fuse reports EPOLLERR once the connection is gone
+			// (fuse_dev_poll): an unmount racing a reader that had just
+			// found nothing to read. A read of our own gives the errno
+			// (ENODEV then) or the request.
+			n, err = t.readRaw(in)
+		}
 		if err != nil {
-			switch {
-			case errors.Is(err, syscall.EINTR), errors.Is(err, syscall.EAGAIN), errors.Is(err, syscall.ENOENT):
-				continue // ENOENT: the request was interrupted before we read it
-			case errors.Is(err, syscall.ENODEV), errors.Is(err, os.ErrClosed):
-				// ENODEV: unmounted or aborted; os.ErrClosed: Close.
+			switch readOutcome(err) {
+			case readAgain:
+				continue
+			case readEnded:
 				t.idle.Add(-1)
 				t.end(nil)
 				return
@@ -142,6 +150,41 @@ func (t *transport) reader() {
 			return
 		}
 	}
+}
+
+// What a failed read of /dev/fuse means.
+const (
+	readAgain  = iota // EINTR, EAGAIN, or ENOENT: the request was interrupted before we read it
+	readEnded         // ENODEV: unmounted or aborted; os.ErrClosed: Close
+	readFailed        // anything else
+)
+
+func readOutcome(err error) int {
+	switch {
+	case errors.Is(err, syscall.EINTR), errors.Is(err, syscall.EAGAIN), errors.Is(err, syscall.ENOENT):
+		return readAgain
+	case errors.Is(err, syscall.ENODEV), errors.Is(err, os.ErrClosed):
+		return readEnded
+	}
+	return readFailed
+}
+
+// readRaw reads one request from /dev/fuse with read(2) itself, past Go's
+// poller; EAGAIN if there is none.
+func (t *transport) readRaw(in []byte) (int, error) {
+	rc, err := t.dev.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var rerr error
+	if err := rc.Control(func(fd uintptr) { n, rerr = unix.Read(int(fd), in) }); err != nil {
+		return 0, err // closed
+	}
+	if rerr != nil {
+		return 0, rerr
+	}
+	return n, nil
 }
 
 // end says the connection stopped being served, the first time with err
