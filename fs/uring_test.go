@@ -377,23 +377,11 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		breakQueue0(t, m)
+		dev := breakQueue0(t, m)
 		// What the daemon does next (its shutdown's unmount and Close), then
 		// a request from queue 0's CPU on the file still open: it must
 		// fail, not wait for a queue that is gone.
-		closed := make(chan struct{})
-		go func() {
-			defer close(closed)
-			if err := m.Unmount(); err != nil {
-				t.Error(err)
-			}
-			m.Close()
-		}()
-		select {
-		case <-closed:
-		case <-time.After(10 * time.Second):
-			t.Fatal("Unmount and Close not done 10 s after a ring failure")
-		}
+		unmountAndClose(t, m, dev, "a ring failure")
 		res := onCPU0(func() error {
 			_, err := unix.Read(fd, make([]byte, 2048))
 			return err
@@ -416,11 +404,7 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var st unix.Stat_t
-		if err := unix.Stat(dir, &st); err != nil {
-			t.Fatal(err)
-		}
-		breakQueue0(t, m)
+		dev := breakQueue0(t, m)
 		// Until the kernel has cancelled the failed ring's entries, a
 		// request may still be given one, and ends with ECANCELED when
 		// it cannot be sent: the LOOKUP is made again until it waits.
@@ -430,7 +414,7 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 			if try == 50 {
 				t.Fatal("a LOOKUP of tun7 from CPU 0 never waited on the failed queue: each ended with ECANCELED")
 			}
-			waiting0 := fuseWaiting(t, ctl, st.Dev)
+			waiting0 := fuseWaiting(t, ctl, dev)
 			l := onCPU0(func() error {
 				var ts unix.Stat_t
 				return unix.Stat(filepath.Join(dir, "tun7"), &ts)
@@ -443,28 +427,14 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 				continue
 			case <-time.After(200 * time.Millisecond):
 			}
-			if n := fuseWaiting(t, ctl, st.Dev); n <= waiting0 {
+			if n := fuseWaiting(t, ctl, dev); n <= waiting0 {
 				t.Fatalf("a LOOKUP on the failed queue is not counted as waiting (%d, %d before)", n, waiting0)
 			}
 			lookup = l
 		}
 		m.inval.entry("tun1")
 		time.Sleep(100 * time.Millisecond) // the invalidation now waits in the kernel for the root's lock
-		closed := make(chan struct{})
-		go func() {
-			defer close(closed)
-			if err := m.Unmount(); err != nil {
-				t.Error(err)
-			}
-			m.Close()
-		}()
-		select {
-		case <-closed:
-		case <-time.After(10 * time.Second):
-			abortFuse(t, st.Dev) // the only way out, for the cleanups
-			<-closed
-			t.Fatal("Unmount and Close not done 10 s after a ring failure, with a LOOKUP on the failed queue and an invalidation waiting for it")
-		}
+		unmountAndClose(t, m, dev, "a ring failure, with a LOOKUP on the failed queue and an invalidation waiting for it")
 		select {
 		case err := <-lookup:
 			if err != unix.ENOTCONN && err != unix.ECONNABORTED {
@@ -476,10 +446,38 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 	})
 }
 
-// breakQueue0 makes queue 0's ring fail at its next io_uring_enter, and
-// checks that the mount says so.
-func breakQueue0(t *testing.T, m *Mount) {
+// unmountAndClose does what the daemon's shutdown does with m (Unmount,
+// then Close) and fails if that takes more than 10 s (after names what
+// came before, for the message). It then aborts the mount's connection
+// (device dev), the only way out, so that the test's cleanups can run.
+func unmountAndClose(t *testing.T, m *Mount, dev uint64, after string) {
 	t.Helper()
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		if err := m.Unmount(); err != nil {
+			t.Error(err)
+		}
+		m.Close()
+	}()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		abortFuse(t, dev)
+		<-closed
+		t.Fatalf("Unmount and Close not done 10 s after %s", after)
+	}
+}
+
+// breakQueue0 makes queue 0's ring fail at its next io_uring_enter, and
+// checks that the mount says so. It returns the mount's device (taken
+// before: a stat from CPU 0 could wait on the failed queue).
+func breakQueue0(t *testing.T, m *Mount) (dev uint64) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(m.dir, &st); err != nil {
+		t.Fatal(err)
+	}
 	broken := errors.New("ring broken by the test")
 	fault := func(qid int) error {
 		if qid == 0 {
@@ -498,6 +496,7 @@ func breakQueue0(t *testing.T, m *Mount) {
 	if err := m.Err(); !errors.Is(err, broken) {
 		t.Errorf("Err after a ring failure = %v, want it to wrap %v", err, broken)
 	}
+	return st.Dev
 }
 
 // onCPU0 runs f on a thread of its own pinned to CPU 0, so that the
