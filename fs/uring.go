@@ -176,8 +176,9 @@ type uringQueue struct {
 }
 
 // kickOut is a kick sent (kick). Its thread stores its tid before its
-// request, and the queue's thread reads it (kickIn); the rest is the
-// queue thread's.
+// request and clears it once the request has ended (the tid may then go
+// to another process's thread), and the queue's thread reads it
+// (kickIn); the rest is the queue thread's.
 type kickOut struct {
 	tid      atomic.Int32
 	seq      uint64
@@ -499,6 +500,7 @@ func (uq *uringQueue) sendKick(k *kickOut) {
 		k.tid.Store(int32(unix.Gettid()))
 		var st unix.Statfs_t
 		_ = unix.Statfs(uq.s.t.dir, &st) // answered by the queue (serveKick)
+		k.tid.Store(0)
 	}
 	uq.mu.Lock()
 	uq.kicksBack = append(uq.kicksBack, k)
@@ -514,6 +516,12 @@ func (uq *uringQueue) kickIn(i int) *kickOut {
 		return nil
 	}
 	pid := int32(binary.NativeEndian.Uint32(e.Hdr[32:])) // fuse_in_header.pid: the sender's tid
+	if pid == 0 {
+		// A sender outside the daemon's pid namespace (an administrator
+		// on the host running df over a container's mount), or a kick
+		// not sent or already over: never a kick in flight.
+		return nil
+	}
 	for _, k := range uq.kicksOut {
 		if k.tid.Load() == pid {
 			return k
