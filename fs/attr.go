@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/privilege"
 	"github.com/cdevfs/cdevfs/rules"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -89,7 +90,7 @@ func (e *entry) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut)
 // Access implements fs.NodeAccesser (access(2), which the kernel asks
 // us about since the mount has no default_permissions).
 func (e *entry) Access(ctx context.Context, mask uint32) syscall.Errno {
-	if !credsOf(ctx).permitted(e.store.Attr(), mask&7) {
+	if !e.root.credsOf(ctx).permitted(e.store.Attr(), mask&7) {
 		return syscall.EACCES
 	}
 	return 0
@@ -98,7 +99,7 @@ func (e *entry) Access(ctx context.Context, mask uint32) syscall.Errno {
 // checkOpen is the permission check of open(2): EACCES, logged, unless
 // the mode lets the caller open with flags.
 func (e *entry) checkOpen(ctx context.Context, flags uint32) syscall.Errno {
-	cr := credsOf(ctx)
+	cr := e.root.credsOf(ctx)
 	if !cr.permitted(e.store.Attr(), accessWant(flags)) {
 		e.root.log.Warn("refused open", "unit", e.name, "reason", "permission", "pid", cr.pid, "uid", cr.uid)
 		return syscall.EACCES
@@ -113,7 +114,8 @@ func (e *entry) checkOpen(ctx context.Context, flags uint32) syscall.Errno {
 // give a node away. The change lasts for the entry's life; a refusal is
 // logged, one line.
 func (e *entry) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
-	cr := credsOf(ctx) // read /proc before taking the entry's lock
+	cr := e.root.credsOf(ctx)
+	cr.load() // /proc is read before the entry's lock is taken
 	var ref *refusal
 	now := time.Now()
 	e.store.UpdateAttr(func(a *devnode.Attr) {
@@ -148,7 +150,7 @@ func setattr(c *creds, a *devnode.Attr, in *fuse.SetAttrInCommon, now time.Time)
 	if uid, ok := in.GetUID(); ok {
 		// chown_ok: the owner may "change" the owner to itself; anything
 		// else needs CAP_CHOWN.
-		if !(c.uid == orig.Uid && uid == orig.Uid) && !c.hasCap(capChown) {
+		if !(c.uid == orig.Uid && uid == orig.Uid) && !c.has(privilege.Chown) {
 			return &refusal{"chown", "not privileged", syscall.EPERM}
 		}
 		a.Uid, changed = uid, true
@@ -156,7 +158,7 @@ func setattr(c *creds, a *devnode.Attr, in *fuse.SetAttrInCommon, now time.Time)
 	if gid, ok := in.GetGID(); ok {
 		// chgrp_ok: the owner may set the group to one of its own groups;
 		// anything else needs CAP_CHOWN.
-		if !(c.uid == orig.Uid && (gid == orig.Gid || c.inGroup(gid))) && !c.hasCap(capChown) {
+		if !(c.uid == orig.Uid && (gid == orig.Gid || c.inGroup(gid))) && !c.has(privilege.Chown) {
 			return &refusal{"chown", "not privileged", syscall.EPERM}
 		}
 		a.Gid, changed = gid, true
@@ -167,7 +169,7 @@ func setattr(c *creds, a *devnode.Attr, in *fuse.SetAttrInCommon, now time.Time)
 		}
 		// setattr_prepare: S_ISGID is dropped unless the caller is in the
 		// file's (new) group or has CAP_FSETID.
-		if !c.inGroup(a.Gid) && !c.hasCap(capFsetid) {
+		if !c.inGroup(a.Gid) && !c.has(privilege.Fsetid) {
 			mode &^= syscall.S_ISGID
 		}
 		a.Mode, changed = mode, true

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/privilege"
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
@@ -15,12 +16,13 @@ func TestSetattrRules(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	now := time.Unix(2000, 0)
 	node := devnode.Attr{Mode: 0660, Uid: 1000, Gid: 20, Atime: t0, Mtime: t0, Ctime: t0}
-	root := &creds{uid: 0}
-	owner := &creds{uid: 1000, gid: 1000, groups: []uint32{30}}
-	member := &creds{uid: 2000, gid: 2000, groups: []uint32{20}}
-	other := &creds{uid: 3000, gid: 3000}
-	fowner := &creds{uid: 3000, gid: 3000, capEff: 1 << capFowner}
-	chowner := &creds{uid: 3000, gid: 3000, capEff: 1 << capChown}
+	root := &creds{uid: 0, loaded: true, held: askedCaps}
+	capless := &creds{uid: 0, loaded: true} // a container's root: uid 0, no capability
+	owner := &creds{uid: 1000, gid: 1000, loaded: true, groups: []uint32{30}}
+	member := &creds{uid: 2000, gid: 2000, loaded: true, groups: []uint32{20}}
+	other := &creds{uid: 3000, gid: 3000, loaded: true}
+	fowner := &creds{uid: 3000, gid: 3000, loaded: true, held: privilege.Of(privilege.Fowner)}
+	chowner := &creds{uid: 3000, gid: 3000, loaded: true, held: privilege.Of(privilege.Chown)}
 
 	mode := func(m uint32) fuse.SetAttrInCommon {
 		return fuse.SetAttrInCommon{Valid: fuse.FATTR_MODE, Mode: syscall.S_IFREG | m}
@@ -48,6 +50,8 @@ func TestSetattrRules(t *testing.T) {
 		{"member chmod", member, mode(0666), syscall.EPERM, nil},
 		{"other chmod", other, mode(0666), syscall.EPERM, nil},
 		{"CAP_FOWNER chmod", fowner, mode(0666), 0, func(a devnode.Attr) bool { return a.Mode == 0666 }},
+		{"capless root chmod", capless, mode(0666), syscall.EPERM, nil},
+		{"capless root chown", capless, own(0, 0, fuse.FATTR_UID), syscall.EPERM, nil},
 		{"root chown", root, own(65534, 0, fuse.FATTR_UID|fuse.FATTR_GID), 0, func(a devnode.Attr) bool { return a.Uid == 65534 && a.Gid == 0 }},
 		{"owner chown away", owner, own(2000, 0, fuse.FATTR_UID), syscall.EPERM, nil},
 		{"owner chown to self", owner, own(1000, 0, fuse.FATTR_UID), 0, func(a devnode.Attr) bool { return a.Uid == 1000 }},
@@ -96,14 +100,21 @@ func TestPermitted(t *testing.T) {
 		want uint32
 		ok   bool
 	}{
-		{&creds{uid: 0}, 6, true},
-		{&creds{uid: 1000, gid: 1}, 6, true},
-		{&creds{uid: 2000, gid: 20}, 4, true},
-		{&creds{uid: 2000, gid: 20}, 2, false},
-		{&creds{uid: 2000, gid: 1, groups: []uint32{5, 20}}, 4, true},
-		{&creds{uid: 2000, gid: 1, groups: []uint32{5}}, 4, false},
+		{&creds{uid: 0, loaded: true, held: askedCaps}, 6, true},
+		// uid 0 without CAP_DAC_OVERRIDE is one more user.
+		{&creds{uid: 0, loaded: true}, 4, false},
+		{&creds{uid: 0, loaded: true, held: privilege.Of(privilege.DacReadSearch)}, 2, false},
+		{&creds{uid: 3000, loaded: true, held: privilege.Of(privilege.DacReadSearch)}, 4, true},
+		{&creds{uid: 3000, loaded: true, held: privilege.Of(privilege.DacOverride)}, 6, true},
+		// Not even CAP_DAC_OVERRIDE executes a file with no x bit.
+		{&creds{uid: 3000, loaded: true, held: askedCaps}, 1, false},
+		{&creds{uid: 1000, gid: 1, loaded: true}, 6, true},
+		{&creds{uid: 2000, gid: 20, loaded: true}, 4, true},
+		{&creds{uid: 2000, gid: 20, loaded: true}, 2, false},
+		{&creds{uid: 2000, gid: 1, loaded: true, groups: []uint32{5, 20}}, 4, true},
+		{&creds{uid: 2000, gid: 1, loaded: true, groups: []uint32{5}}, 4, false},
 		// The owner gets the owner's bits even when the group's would allow more.
-		{&creds{uid: 1000, gid: 20}, 1, false},
+		{&creds{uid: 1000, gid: 20, loaded: true}, 1, false},
 	}
 	for _, c := range cases {
 		if got := c.c.permitted(a, c.want); got != c.ok {

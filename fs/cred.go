@@ -1,25 +1,12 @@
 package fs
 
 import (
-	"bufio"
 	"context"
-	"errors"
-	"fmt"
-	"os"
-	"strconv"
-	"strings"
 	"syscall"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/privilege"
 	"github.com/hanwen/go-fuse/v2/fuse"
-)
-
-// Capability bits in /proc/PID/status CapEff (linux/capability.h).
-const (
-	capChown    = 0  // CAP_CHOWN: chown to anyone, chgrp to any group
-	capFowner   = 3  // CAP_FOWNER: chmod and set times of files one does not own
-	capFsetid   = 4  // CAP_FSETID: keep S_ISGID on chmod outside the group
-	capNetAdmin = 12 // CAP_NET_ADMIN: create interfaces (clone)
 )
 
 // caller returns the FUSE caller of a request.
@@ -37,49 +24,58 @@ func withActor(ctx context.Context) context.Context {
 	return devnode.WithActor(ctx, devnode.Actor{Pid: c.Pid, Uid: c.Uid})
 }
 
+// askedCaps are the capabilities the tree ever asks about.
+var askedCaps = privilege.Of(privilege.Chown, privilege.DacOverride, privilege.DacReadSearch,
+	privilege.Fowner, privilege.Fsetid, privilege.NetAdmin, privilege.Mknod)
+
 // creds are a FUSE caller's credentials. The kernel passes the uid, gid
-// and pid; the supplementary groups and effective capabilities come from
-// /proc/PID/status, read once per request that needs them. The daemon
-// checks permissions itself (no default_permissions mount option), so
-// that every refusal reaches it and is logged; these are the facts the
-// kernel's checks would use.
+// and pid (thread id); the supplementary groups and the capabilities come
+// from /proc, read at most once per request and only when a check needs
+// them. The daemon checks permissions itself (no default_permissions
+// mount option), so that every refusal reaches it and is logged; these
+// are the facts the kernel's checks would use.
 type creds struct {
 	uid, gid, pid uint32
-	groups        []uint32
-	capEff        uint64
+	policy        *privilege.Policy
+
+	// Read from /proc by load; loaded says whether that was tried. A
+	// caller whose /proc entry cannot be read (outside the daemon's pid
+	// namespace) has no supplementary group and no capability.
+	loaded bool
+	groups []uint32
+	held   privilege.Set // of askedCaps, where the policy checks each
 }
 
-// credsOf reads the caller's credentials. uid 0 needs nothing more (it
-// is treated as holding every capability, as cdevfs always has); if the
-// caller's /proc entry cannot be read (it exited, or lives in another pid
-// namespace) it has no supplementary group and no capability.
-func credsOf(ctx context.Context) *creds {
+// credsOf returns the caller's credentials for r's privilege policy.
+func (r *Root) credsOf(ctx context.Context) *creds {
 	c := caller(ctx)
-	cr := &creds{uid: c.Uid, gid: c.Gid, pid: c.Pid}
-	if c.Uid == 0 {
-		return cr
+	return &creds{uid: c.Uid, gid: c.Gid, pid: c.Pid, policy: r.policy}
+}
+
+func (c *creds) load() {
+	if c.loaded {
+		return
 	}
-	st, err := procStatus(c.Pid)
+	c.loaded = true
+	pc, err := privilege.ReadCreds(c.pid)
 	if err != nil {
-		return cr
+		return
 	}
-	cr.capEff, _ = strconv.ParseUint(st["CapEff"], 16, 64)
-	for _, g := range strings.Fields(st["Groups"]) {
-		if n, err := strconv.ParseUint(g, 10, 32); err == nil {
-			cr.groups = append(cr.groups, uint32(n))
-		}
-	}
-	return cr
+	c.groups = pc.Groups
+	c.held = c.policy.Held(pc, askedCaps)
 }
 
-// hasCap reports whether the caller holds capability bit (uid 0 holds all).
-func (c *creds) hasCap(bit uint) bool {
-	return c.uid == 0 || c.capEff&(1<<bit) != 0
+// has reports whether the caller holds cp where it counts (privilege's
+// Policy); uid 0 alone holds nothing.
+func (c *creds) has(cp privilege.Cap) bool {
+	c.load()
+	return c.held.Has(cp)
 }
 
-// privileged reports whether the caller may clone interfaces: uid 0 or
-// CAP_NET_ADMIN in its effective set (DESIGN.md, "Open, close, destroy").
-func (c *creds) privileged() bool { return c.hasCap(capNetAdmin) }
+// mayClone reports whether the caller may create interfaces:
+// CAP_NET_ADMIN in the owner of the network namespace they are made in,
+// as tun's own TUNSETIFF asks (DESIGN.md, "Open, close, destroy").
+func (c *creds) mayClone() bool { return c.has(privilege.NetAdmin) }
 
 // inGroup reports whether gid is the caller's primary group or one of its
 // supplementary groups (FUSE passes only the primary one).
@@ -87,6 +83,7 @@ func (c *creds) inGroup(gid uint32) bool {
 	if c.gid == gid {
 		return true
 	}
+	c.load()
 	for _, g := range c.groups {
 		if g == gid {
 			return true
@@ -96,13 +93,12 @@ func (c *creds) inGroup(gid uint32) bool {
 }
 
 // permitted checks want (a mask of 4 read, 2 write, 1 exec) against an
-// entry's mode and owner as the kernel's generic_permission would: the
+// entry's mode and owner as the kernel's generic_permission does: the
 // owner's bits for the owner, else the group's bits for a member of the
-// group, else the others' bits; uid 0 may do anything.
+// group, else the others' bits; failing those, CAP_DAC_OVERRIDE lets in
+// anything but an exec of a file with no x bit, and CAP_DAC_READ_SEARCH a
+// read.
 func (c *creds) permitted(a devnode.Attr, want uint32) bool {
-	if c.uid == 0 {
-		return true
-	}
 	var bits uint32
 	switch {
 	case c.uid == a.Uid:
@@ -112,35 +108,19 @@ func (c *creds) permitted(a devnode.Attr, want uint32) bool {
 	default:
 		bits = a.Mode
 	}
-	return bits&7&want == want
+	if bits&7&want == want {
+		return true
+	}
+	if (want&1 == 0 || a.Mode&0111 != 0) && c.has(privilege.DacOverride) {
+		return true
+	}
+	return want == 4 && c.has(privilege.DacReadSearch)
 }
 
 // owns reports whether the caller may act as the entry's owner for chmod
 // and utimes: the owner itself, or CAP_FOWNER (inode_owner_or_capable).
 func (c *creds) owns(a devnode.Attr) bool {
-	return c.uid == a.Uid || c.hasCap(capFowner)
-}
-
-// procStatus reads the fields of /proc/PID/status. The pid is the one the
-// kernel put in the FUSE header, translated to our pid namespace.
-func procStatus(pid uint32) (map[string]string, error) {
-	if pid == 0 {
-		return nil, errors.New("caller pid not visible")
-	}
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	m := make(map[string]string)
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), ":")
-		if ok {
-			m[k] = strings.TrimSpace(v)
-		}
-	}
-	return m, sc.Err()
+	return c.uid == a.Uid || c.has(privilege.Fowner)
 }
 
 // accessWant maps open flags to the permission bits they need; O_TRUNC

@@ -40,7 +40,7 @@ func newCacheTree(t *testing.T) *cacheTree {
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	c := &cacheTree{reg: devnode.NewRegistry(), fake: cloner.NewFake(), notes: make(chan notification, 16)}
 	cloner.New(cloner.Tun, c.fake, c.reg, 0, quiet)
-	c.root = NewRoot(c.reg, []string{"tun"}, func(string) bool { return true }, quiet)
+	c.root = NewRoot(c.reg, []string{"tun"}, func(string) bool { return true }, ownPolicy(t), quiet)
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)

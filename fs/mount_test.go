@@ -55,7 +55,7 @@ func TestInvalidationDuringLookupDoesNotDeadlock(t *testing.T) {
 		return nil
 	}
 	cloner.New(cloner.Tun, fake, reg, 0, quiet)
-	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, quiet)
+	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, ownPolicy(t), quiet)
 	dir := t.TempDir()
 	m, err := New(dir, root, MountOptions{Log: quiet})
 	if err != nil {

@@ -130,7 +130,7 @@ func benchLoop(b *testing.B, fast bool) {
 		b.Fatal(err)
 	}
 	n.Rel()
-	root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(b), slog.New(slog.NewTextHandler(io.Discard, nil)))
 	t, in, out, nodeid, fh, r := serveTree(b, root, "tun0", fast)
 	if fast && t.fhs.get(fh) == nil {
 		b.Fatal("the open handle is not registered for the fast path")
@@ -167,7 +167,7 @@ func linuxTunTree(b *testing.B) (*devnode.Registry, *Root) {
 	b.Cleanup(be.Close)
 	reg := devnode.NewRegistry()
 	cloner.New(cloner.Tun, be, reg, 100, log)
-	return reg, NewRoot(reg, []string{"tun"}, func(string) bool { return true }, log)
+	return reg, NewRoot(reg, []string{"tun"}, func(string) bool { return true }, ownPolicy(b), log)
 }
 
 // BenchmarkRelayTun: one ICMP echo request written and its reply read per

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/privilege"
 	"github.com/cdevfs/cdevfs/metrics"
 	"github.com/cdevfs/cdevfs/rules"
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -25,6 +26,7 @@ type Root struct {
 	fs.Inode
 	reg       *devnode.Registry
 	log       *slog.Logger
+	policy    *privilege.Policy      // who holds which capability
 	cloneable func(name string) bool // a name some cloner would create
 	clones    map[string]bool        // clone node names: "tun", "tap"
 	statics   []*entry               // the static children, in readdir order; set by OnAdd, then read-only
@@ -58,10 +60,11 @@ var (
 )
 
 // NewRoot returns the root of a tree serving reg's nodes; clones lists
-// the clone node names (the cloners' prefixes) and cloneable tells which
-// names a cloner would create (for logging refusals).
-func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool, log *slog.Logger) *Root {
-	r := &Root{reg: reg, log: log, cloneable: cloneable, clones: make(map[string]bool), mtime: time.Now()}
+// the clone node names (the cloners' prefixes), cloneable tells which
+// names a cloner would create (for logging refusals), and policy decides
+// which callers are privileged.
+func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool, policy *privilege.Policy, log *slog.Logger) *Root {
+	r := &Root{reg: reg, log: log, policy: policy, cloneable: cloneable, clones: make(map[string]bool), mtime: time.Now()}
 	for _, c := range clones {
 		r.clones[c] = true
 	}
@@ -266,7 +269,7 @@ func (r *Root) staticEntry(ch *fs.Inode, out *fuse.EntryOut) (*fs.Inode, syscall
 // reference for the caller.
 func (r *Root) cloneOnLookup(ctx context.Context, name string) (*devnode.Node, syscall.Errno) {
 	c := caller(ctx)
-	if !credsOf(ctx).privileged() {
+	if !r.credsOf(ctx).mayClone() {
 		if r.cloneable(name) {
 			r.log.Warn("refused clone", "unit", name, "reason", "caller not privileged", "pid", c.Pid, "uid", c.Uid)
 		}
@@ -466,7 +469,7 @@ var (
 // open it (EACCES), so a rule can keep even a CAP_NET_ADMIN user out.
 func (c *cloneNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	cl := caller(ctx)
-	if !credsOf(ctx).privileged() {
+	if !c.root.credsOf(ctx).mayClone() {
 		c.root.log.Warn("refused clone", "unit", c.prefix, "reason", "caller not privileged", "pid", cl.Pid, "uid", cl.Uid)
 		return nil, 0, syscall.EPERM
 	}

@@ -98,7 +98,7 @@ func TestParkedReadEnds(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, quiet)
+			root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(t), quiet)
 			dir := t.TempDir()
 			m, err := New(dir, root, MountOptions{Log: quiet, IOURing: IOURingOn})
 			if err != nil {

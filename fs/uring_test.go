@@ -37,7 +37,7 @@ func fakeMount(t *testing.T, mode IOURing) (string, *cloner.Fake, *Mount, error)
 	reg := devnode.NewRegistry()
 	fake := cloner.NewFake()
 	cloner.New(cloner.Tun, fake, reg, 0, quiet)
-	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, quiet)
+	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, ownPolicy(t), quiet)
 	dir := t.TempDir()
 	m, err := New(dir, root, MountOptions{Log: quiet, IOURing: mode})
 	if err != nil {
@@ -293,7 +293,7 @@ func TestRemountSameRootListsOnce(t *testing.T) {
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	reg := devnode.NewRegistry()
 	defer reg.Shutdown(context.Background(), nil)
-	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, quiet)
+	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, ownPolicy(t), quiet)
 	for round := range 2 {
 		dir := t.TempDir()
 		m, err := New(dir, root, MountOptions{Log: quiet})

@@ -21,6 +21,7 @@ import (
 
 	"github.com/cdevfs/cdevfs/cloner"
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/privilege"
 	cfs "github.com/cdevfs/cdevfs/fs"
 	"github.com/cdevfs/cdevfs/metrics"
 	sd "github.com/coreos/go-systemd/v22/daemon"
@@ -191,7 +192,16 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, noti
 		}
 		return false
 	}
-	root := cfs.NewRoot(reg, prefixes, cloneable, log)
+	netnsPath := "" // the daemon's own
+	if f.netns != "" {
+		netnsPath = cloner.NetnsPath(f.netns)
+	}
+	policy, err := privilege.NewPolicy(netnsPath)
+	if err != nil {
+		reg.Shutdown(context.Background(), nil)
+		return err
+	}
+	root := cfs.NewRoot(reg, prefixes, cloneable, policy, log)
 	root.SetRules(rs)
 	// Mount before following the kernel: the mountpoint check refuses a
 	// second daemon on a live mount before it could adopt (and at its
