@@ -41,6 +41,7 @@ type Metrics struct {
 	ringRequests                     prometheus.Counter
 	ringParked                       prometheus.Counter
 
+	refusals *prometheus.CounterVec
 	errors   *prometheus.CounterVec
 	errorBy  [maxErrno]atomic.Pointer[prometheus.Counter]
 	requests *prometheus.HistogramVec
@@ -75,7 +76,11 @@ func New(states States) *Metrics {
 		// 10 µs to 42 s: a lookup takes microseconds, a blocking read as
 		// long as the link is quiet.
 		Buckets: prometheus.ExponentialBuckets(10e-6, 4, 12)}, []string{"opcode"})
-	m.reg.MustRegister(m.errors, m.requests, stateCollector{states},
+	// Every refusal, whether or not its log line was suppressed (the log
+	// of refusals is rate-limited per caller).
+	m.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "cdevfs", Name: "refusals_total",
+		Help: "Actions refused to a caller (clone, open, chmod, chown, utimes, truncate), by action; each one, logged or not."}, []string{"action"})
+	m.reg.MustRegister(m.refusals, m.errors, m.requests, stateCollector{states},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -126,6 +131,15 @@ func (m *Metrics) Wrote(n int) {
 	if m != nil {
 		m.packetsWritten.Inc()
 		m.bytesWritten.Add(float64(n))
+	}
+}
+
+// Refused counts an action refused to a caller. action is one of a few
+// names fixed in the code, never the caller's input, so the series stay
+// few.
+func (m *Metrics) Refused(action string) {
+	if m != nil {
+		m.refusals.WithLabelValues(action).Inc()
 	}
 }
 

@@ -39,6 +39,9 @@ func TestCountersMove(t *testing.T) {
 	m.RingRequest()
 	m.RingRequest()
 	m.RingParked()
+	m.Refused("clone")
+	m.Refused("clone")
+	m.Refused("chmod")
 
 	for _, c := range []struct {
 		got  float64
@@ -57,6 +60,9 @@ func TestCountersMove(t *testing.T) {
 		{testutil.ToFloat64(m.errors.WithLabelValues("EAGAIN")), 1, "EAGAIN errors"},
 		{float64(testutil.CollectAndCount(m.errors)), 2, "errno series"},
 		{float64(testutil.CollectAndCount(m.requests)), 3, "opcode series"},
+		{testutil.ToFloat64(m.refusals.WithLabelValues("clone")), 2, "refused clones"},
+		{testutil.ToFloat64(m.refusals.WithLabelValues("chmod")), 1, "refused chmods"},
+		{float64(testutil.CollectAndCount(m.refusals)), 2, "refusal series"},
 	} {
 		if c.got != c.want {
 			t.Errorf("%s = %v, want %v", c.what, c.got, c.want)
@@ -74,6 +80,7 @@ func TestCountersMove(t *testing.T) {
 		`cdevfs_read_bytes_total 100`,
 		`cdevfs_fuse_ring_requests_total 2`,
 		`cdevfs_fuse_ring_parked_reads_total 1`,
+		`cdevfs_refusals_total{action="clone"} 2`,
 		`go_goroutines `,
 		`process_resident_memory_bytes `,
 	} {
@@ -95,6 +102,7 @@ func TestNilCountsNothing(t *testing.T) {
 	m.Error(syscall.EIO)
 	m.Request(15, time.Now())
 	m.RingRequest()
+	m.Refused("open")
 }
 
 // TestPacketPathDoesNotAllocate: the per-packet and per-request methods
