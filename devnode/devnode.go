@@ -5,6 +5,10 @@
 //     closed) only after the last reference is dropped. Who holds one:
 //     the registry while the name is linked; every caller of Lookup or
 //     Clone until it calls Rel; every open handle from Open to Close.
+//   - Exclusive open (TUN_OPEN): one opener holds a node at a time. An
+//     opener that finds the holder closing waits, a bounded time, for
+//     that close to end, so that a close the caller has seen return
+//     frees the node (Open, Closing).
 //   - In-flight operations (si_threadcount): every device method runs
 //     between Enter and Exit. Destroy waits for the count to drain.
 //   - Destroy is a barrier (destroy_dev): mark dying, revoke, drain, unlink,
@@ -99,12 +103,24 @@ const (
 	FlagTransient
 	// FlagGone: destroy finished; the name is unlinked.
 	FlagGone
+	// FlagClosing: the holder's file has been closed through one of its
+	// descriptors since it opened (Closing): its last close may be on
+	// its way, and an opener waits for it a bounded time (Open).
+	FlagClosing
 )
+
+// closeWait bounds an opener's wait for a closing holder's last close
+// (Open). It covers the daemon's handling of that close, which includes
+// the device's detach (a tun close waits out an RCU grace period), with
+// room for a loaded machine; when another descriptor still holds the
+// file, it is what the first opener waits before its EBUSY.
+const closeWait = time.Second
 
 // Errors returned by this package; Errno maps them for the FUSE boundary.
 var (
 	ErrNotFound = fmt.Errorf("devnode: no such node: %w", syscall.ENOENT)
 	ErrBusy     = fmt.Errorf("devnode: node is open: %w", syscall.EBUSY)
+	ErrClosing  = fmt.Errorf("devnode: node is open, its holder closing: %w", syscall.EBUSY)
 	ErrDying    = fmt.Errorf("devnode: node is being destroyed: %w", syscall.ENXIO)
 	ErrExists   = fmt.Errorf("devnode: name exists: %w", syscall.EEXIST)
 	ErrClosed   = fmt.Errorf("devnode: registry is shut down: %w", syscall.ENXIO)
@@ -127,7 +143,7 @@ type Node struct {
 	// by SetAttr and UpdateAttr.
 	attr Attr
 
-	mu    sync.Mutex // guards flags, busy, destroyed, attr, cause
+	mu    sync.Mutex // guards flags, busy, drained, released, destroyed, attr, cause
 	flags Flags
 	cause Cause // what made the node dying; set with FlagDying
 	busy  int   // in-flight operations (si_threadcount)
@@ -135,6 +151,12 @@ type Node struct {
 	// a draining destroy makes it, so the packet path's Exit allocates
 	// nothing while no destroy waits.
 	drained chan struct{}
+	// released, if not nil, is closed (and cleared) when the holder's
+	// open ends or the node starts dying: an opener waiting for a closing
+	// holder makes it (Open), so a close allocates nothing while no
+	// opener waits. Within one holder's open it is one channel, so a
+	// waiter can tell whether the holder it waited for is still there.
+	released chan struct{}
 	// abandoned is closed and replaced when a destroy gives up (EINTR), so
 	// a destroy waiting for that one can take over.
 	abandoned chan struct{}
@@ -251,33 +273,129 @@ func (n *Node) Exit() {
 
 // Open marks the node open and attaches the caller to the device. The
 // caller must hold a reference, which the open handle then owns until
-// Close. A second open is ErrBusy; an open of a dying node is ErrDying,
-// never a half-dead handle (seed 001).
-func (n *Node) Open(ctx context.Context) error {
-	// One critical section for "not dying", "not open" and the in-flight
-	// count: checked in two, a transient last close could run between them
-	// (clearing FlagOpen and setting FlagDying) and this opener would get
-	// the dying node (seed 001's race; caught by TestTransientCloseRacingOpen).
-	n.mu.Lock()
-	switch {
-	case n.flags&(FlagDying|FlagGone) != 0:
-		n.mu.Unlock()
-		return ErrDying
-	case n.flags&FlagOpen != 0:
-		n.mu.Unlock()
-		return ErrBusy
+// Close. An open of a node whose holder is closing (Closing) waits for
+// that close, up to closeWait, and then takes the node or fails with
+// ErrBusy; ctx ending ends the wait with EINTR. Any other second open is
+// ErrBusy at once; an open of a dying node is ErrDying, never a
+// half-dead handle (seed 001).
+func (n *Node) Open(ctx context.Context) error { return n.open(ctx, true) }
+
+// TryOpen is Open for a caller that must not block: where Open would
+// wait for a closing holder it fails with ErrClosing, and the caller
+// may try Open where it can wait.
+func (n *Node) TryOpen(ctx context.Context) error { return n.open(ctx, false) }
+
+func (n *Node) open(ctx context.Context, wait bool) error {
+	if err := n.claim(ctx, wait); err != nil {
+		return err
 	}
-	n.flags |= FlagOpen
-	n.busy++
-	n.mu.Unlock()
 	defer n.Exit()
 	if err := n.dev.Open(ctx); err != nil {
 		n.mu.Lock()
-		n.flags &^= FlagOpen
+		n.endOpenLocked()
 		n.mu.Unlock()
 		return err
 	}
 	return nil
+}
+
+// claim marks the node open and in flight for an opener, waiting for a
+// closing holder's close if wait.
+//
+// The wait makes close(2) mean closed, as on BSD, where close is
+// synchronous. A FUSE file's last close reaches the daemon after the
+// closer's close(2), or its exit, has returned: fuse_release sends
+// RELEASE in the background and returns, so a reopen's OPEN can come
+// first. Every close of a descriptor is reported before it returns
+// (fuse_flush sends FLUSH from filp_close and waits for the answer), and
+// that is what Closing records. It cannot tell the last close from that
+// of a copy (a dup, a forked child's): the wait is bounded, and a holder
+// that outlives it still holds the file, so its Closing is cleared and
+// openers after this one fail at once until the next.
+func (n *Node) claim(ctx context.Context, wait bool) error {
+	var bound *time.Timer // from the first wait on
+	expired := false
+	for {
+		// One critical section for "not dying", "not open" and the
+		// in-flight count: checked in two, a transient last close could
+		// run between them (clearing FlagOpen and setting FlagDying) and
+		// this opener would get the dying node (seed 001's race; caught by
+		// TestTransientCloseRacingOpen).
+		n.mu.Lock()
+		f := n.flags
+		switch {
+		case f&(FlagDying|FlagGone) != 0:
+			n.mu.Unlock()
+			return ErrDying
+		case f&FlagOpen == 0:
+			n.flags |= FlagOpen
+			n.busy++
+			n.mu.Unlock()
+			return nil
+		case f&FlagClosing == 0 || expired:
+			n.mu.Unlock()
+			return ErrBusy
+		case !wait:
+			n.mu.Unlock()
+			return ErrClosing
+		}
+		if n.released == nil {
+			n.released = make(chan struct{})
+		}
+		released := n.released
+		n.mu.Unlock()
+		if bound == nil {
+			bound = time.NewTimer(closeWait)
+			defer bound.Stop()
+		}
+		select {
+		case <-released:
+		case <-bound.C:
+			n.outlived(released)
+			expired = true
+		case <-ctx.Done():
+			return fmt.Errorf("devnode: waiting for the holder of %s to close: %w", n.name, syscall.EINTR)
+		}
+	}
+}
+
+// outlived clears FlagClosing of a holder that outlived an opener's
+// wait, if it is still the holder the opener waited for (released is
+// still its channel): it holds the file through another descriptor.
+func (n *Node) outlived(released chan struct{}) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.released == released {
+		n.flags &^= FlagClosing
+	}
+}
+
+// Closing records that the holder's file has just been closed through
+// one of its descriptors, so its last close may follow, reported after
+// the closer has returned (see claim). A node that is not open, or is
+// dying, ignores it.
+func (n *Node) Closing() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.flags&(FlagOpen|FlagDying|FlagGone) == FlagOpen {
+		n.flags |= FlagClosing
+	}
+}
+
+// endOpenLocked ends the holder's open and wakes the openers waiting
+// for it. Called with n.mu held.
+func (n *Node) endOpenLocked() {
+	n.flags &^= FlagOpen | FlagClosing
+	n.wakeOpenersLocked()
+}
+
+// wakeOpenersLocked wakes the openers waiting for a closing holder: its
+// open has ended, or the node is dying. Called with n.mu held.
+func (n *Node) wakeOpenersLocked() {
+	if n.released != nil {
+		close(n.released)
+		n.released = nil
+	}
 }
 
 // Close is the last close of an open node: like tunclose() it detaches
@@ -292,7 +410,7 @@ func (n *Node) Close(ctx context.Context) error {
 	dying := n.flags&(FlagDying|FlagGone) != 0
 	transient := n.flags&FlagTransient != 0
 	if dying || transient {
-		n.flags &^= FlagOpen
+		n.endOpenLocked()
 	}
 	if transient && !dying {
 		// Dying in the same critical section that ends the open, so no
@@ -322,7 +440,7 @@ func (n *Node) Close(ctx context.Context) error {
 func (n *Node) clearOpen() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	n.flags &^= FlagOpen
+	n.endOpenLocked()
 }
 
 // SetTransient sets or clears the transient flag (TUNSTRANSIENT).
@@ -349,6 +467,7 @@ func (n *Node) markDying(c Cause) bool {
 	}
 	n.flags |= FlagDying
 	n.cause = c
+	n.wakeOpenersLocked()
 	return true
 }
 
@@ -366,6 +485,7 @@ func (n *Node) Destroy(ctx context.Context) error {
 		if !began {
 			n.flags |= FlagDying
 			n.cause = causeFrom(ctx, ReasonDestroy)
+			n.wakeOpenersLocked()
 		}
 		abandoned := n.abandoned
 		n.mu.Unlock()
@@ -412,7 +532,8 @@ func (n *Node) finish() error {
 	err := n.dev.Destroy(func() { n.reg.unlink(n) })
 	n.mu.Lock()
 	n.flags |= FlagGone
-	n.flags &^= FlagDying | FlagOpen
+	n.flags &^= FlagDying | FlagOpen | FlagClosing
+	n.wakeOpenersLocked()
 	n.mu.Unlock()
 	close(n.destroyed)
 	n.Rel() // the registry's reference
