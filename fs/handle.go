@@ -15,7 +15,8 @@ import (
 
 // handleFlags: direct I/O (one packet per read, no page cache) and
 // stream (no file position, so a write never waits behind a blocked read
-// of the same file).
+// of the same file). Not FOPEN_NOFLUSH: the FLUSH of every close is how
+// a node learns that its holder may be closing (Flush).
 const handleFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_STREAM | fuse.FOPEN_NONSEEKABLE
 
 // handle is an open device file. It owns one reference to its node from
@@ -143,11 +144,17 @@ func (h *handle) fail(err error) syscall.Errno {
 	return e
 }
 
-// Flush implements fs.FileFlusher: every close(2), with the closer's
-// credentials, which Release logs for a transient destroy.
+// Flush implements fs.FileFlusher: every close(2) of a descriptor of
+// the file, and every exit holding one (filp_close), with the closer's
+// credentials, which Release logs for a transient destroy. The closer
+// waits for this answer (fuse_flush), and not for the RELEASE that a last
+// close sends after it: the node learns here that its holder may be
+// closing, so that a reopen right after close(2) waits for that RELEASE
+// instead of failing EBUSY (devnode.Node.Closing).
 func (h *handle) Flush(ctx context.Context) syscall.Errno {
 	c := caller(ctx)
 	h.closer.Store(&devnode.Actor{Pid: c.Pid, Uid: c.Uid})
+	h.node.Closing()
 	return 0
 }
 

@@ -646,11 +646,11 @@ func (uq *uringQueue) serve(i int) {
 		uq.commit(i, errorReply(e.Hdr, e.Out(), syscall.EIO))
 		return
 	}
-	n, blocked := t.serve(in, e.Out(), false)
+	n, blocked := t.serveQueued(in, e.Out())
 	switch {
 	case !blocked:
 		uq.commit(i, n)
-	case !uq.park(i, in):
+	case binary.NativeEndian.Uint32(in[4:]) != opRead || !uq.park(i, in):
 		uq.handOff(i, in)
 	}
 }
@@ -679,7 +679,8 @@ func (uq *uringQueue) handOff(i int, in []byte) {
 	}
 	// An INTERRUPT that comes from here until go-fuse has taken the
 	// request in is lost (the README says so): only READs that cannot be
-	// parked are handed off.
+	// parked are handed off, and OPENs that wait for a closing holder
+	// (whose wait is bounded).
 	uq.handedOff++
 	bp := t.bufs.Get().(*[]byte)
 	req := append((*bp)[:0], in...)
