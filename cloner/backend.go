@@ -93,8 +93,17 @@ type Watcher struct {
 	Appeared func(LinkInfo)
 	// Deleted is called with the ifindex of every interface removed.
 	Deleted func(index int)
-	// Error hears of a failing subscription (lost messages).
+	// Error hears of a failing subscription (lost messages) and of a
+	// failed attempt to resubscribe.
 	Error func(error)
+	// Known lists the ifindexes the watcher has nodes for. Before each
+	// full dump the watch asks, so that an interface deleted while events
+	// were being lost, which no event will ever report, is reported
+	// Deleted when the dump lacks it. Nil: the watcher holds nothing.
+	Known func() []int
+	// Resynced, if not nil, is told that events were lost and the watch
+	// has resubscribed and reconciled the watcher with a full dump.
+	Resynced func()
 }
 
 // Link is one interface made by a Backend.

@@ -186,17 +186,49 @@ func (c *Cloner) publishLocked(u int, link Link, foreign, open bool) (*devnode.N
 //
 // A device of another driver or kind with a name of ours gets no node;
 // opening that name is EBUSY (the exclusive create finds it taken).
+//
+// A rename (the same ifindex under a new name) is treated by who made
+// the interface:
+//   - one cdevfs made (or left by a killed cdevfs) keeps its node and
+//     node name, as FreeBSD's /dev/tunN keeps its name when the ifnet is
+//     renamed (tunrename() in if_tuntap.c only adds a best-effort alias,
+//     which cdevfs does not make); a unit name it is renamed to gets no
+//     node, and opening that name is EBUSY (the kernel has it);
+//   - an adopted one was adopted by its name, so its node leaves the tree
+//     under the old name (revoked, the interface kept), and it is adopted
+//     again under the new name if that is a free unit name of this kind;
+//     renamed to anything else, it has no node.
 func (c *Cloner) LinkAppeared(info LinkInfo) {
-	if !info.TunTap || info.Kind != c.kind || info.Owner == OwnerOther {
-		return
-	}
-	u, wild, ok := ParseName(c.kind.Prefix(), info.Name, c.max)
-	if !ok || wild {
+	if !info.TunTap || info.Kind != c.kind {
 		return
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.adoptLocked(u, info)
+	renamed := c.renamedLocked(info)
+	if u, wild, ok := ParseName(c.kind.Prefix(), info.Name, c.max); ok && !wild && info.Owner != OwnerOther {
+		c.adoptLocked(u, info)
+	}
+	c.mu.Unlock()
+	if renamed != nil {
+		c.log.Info("rename", "unit", renamed.link.Name(), "ifindex", info.Index, "to", info.Name)
+		renamed.leave(reasonRenamed)
+	}
+}
+
+// reasonRenamed is the destroy reason of an adopted interface's node
+// once the interface is renamed.
+const reasonRenamed = "adopted interface renamed outside cdevfs"
+
+// renamedLocked finds the adopted device whose interface info now names
+// otherwise, and lets go of its ifindex so that the interface can be
+// adopted again under its new name; the caller then destroys the old
+// node. Called with c.mu held.
+func (c *Cloner) renamedLocked(info LinkInfo) *device {
+	d := c.byIndex[info.Index]
+	if d == nil || !d.foreign || d.link.Name() == info.Name {
+		return nil
+	}
+	delete(c.byIndex, info.Index)
+	return d
 }
 
 // adoptLocked gives the interface info a node as unit u, if it has none.
@@ -438,9 +470,12 @@ func (d *device) check(err error) error {
 	return err
 }
 
-func (d *device) gone() {
+func (d *device) gone() { d.leave(devnode.ReasonDeleted) }
+
+// leave schedules the node's destroy for reason.
+func (d *device) leave(reason string) {
 	if n := d.node.Load(); n != nil {
-		d.c.reg.DestroySched(n, devnode.ReasonDeleted)
+		d.c.reg.DestroySched(n, reason)
 	}
 }
 
@@ -454,6 +489,18 @@ func (c *Cloner) LinkDeleted(index int) {
 	if d != nil {
 		d.gone()
 	}
+}
+
+// LinkIndexes lists the ifindexes of the interfaces this cloner has nodes
+// for (Watcher.Known).
+func (c *Cloner) LinkIndexes() []int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	idx := make([]int, 0, len(c.byIndex))
+	for i := range c.byIndex {
+		idx = append(idx, i)
+	}
+	return idx
 }
 
 // POLLRDNORM and POLLWRNORM (<poll.h>), which x/sys/unix does not name.

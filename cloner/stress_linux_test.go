@@ -42,7 +42,7 @@ func TestStressWatcherRacesDevicePaths(t *testing.T) {
 	done := make(chan struct{})
 	var watchErrs atomic.Int64
 	stopped, err := b.Watch(done, Watcher{Appeared: c.LinkAppeared, Deleted: c.LinkDeleted,
-		Error: func(error) { watchErrs.Add(1) }})
+		Error: func(error) { watchErrs.Add(1) }, Known: c.LinkIndexes})
 	if err != nil {
 		t.Fatal(err)
 	}
