@@ -2,6 +2,7 @@
 // clone real Linux tun/tap interfaces on open.
 //
 //	cdevfs mount [flags] MOUNTPOINT
+//	cdevfs ifname [FD]
 //	cdevfs version
 package main
 
@@ -38,6 +39,7 @@ opening creates a real Linux tun/tap interface (the BSD dev_clone model).
 
 commands:
   mount [flags] MOUNTPOINT   mount the tree and serve it in the foreground
+  ifname [FD]                print the interface of the tun/tap handle on FD (default 0)
   version                    print the version
 
 Run 'cdevfs mount --help' for the mount flags.
@@ -55,6 +57,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "mount":
 		return mountCmd(args[1:], stdout, stderr)
+	case "ifname":
+		return ifnameCmd(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintf(stdout, "cdevfs %s\n", version)
 		return 0
