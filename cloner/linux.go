@@ -215,6 +215,11 @@ func (b *Linux) tunSetIff(name string, flags uint16) (*os.File, error) {
 	return os.NewFile(uintptr(fd), "tun:"+name), nil
 }
 
+// createHook, if set, runs in Create once the interface is made and
+// persistent, before its ifindex is looked up by name: tests delete or
+// rename it there, as an administrator may.
+var createHook func(name string)
+
 // Create implements Backend: TUNSETIFF with IFF_TUN_EXCL, so an existing
 // device of that name (ours, an administrator's, or not a tun at all) is
 // never attached to; then TUNSETPERSIST so the interface outlives its fd
@@ -231,6 +236,9 @@ func (b *Linux) Create(name string, kind Kind, attach bool) (Link, error) {
 	if err := ioctlInt(f, unix.TUNSETPERSIST, 1); err != nil {
 		f.Close() // not persistent yet: closing removes it
 		return nil, fmt.Errorf("TUNSETPERSIST %s: %w", name, err)
+	}
+	if createHook != nil {
+		createHook(name)
 	}
 	err = b.handle(func(h *netlink.Handle) error {
 		// The ifindex by ioctl, not RTM_GETLINK: the kernel would fill,
@@ -254,6 +262,12 @@ func (b *Linux) Create(name string, kind Kind, attach bool) (Link, error) {
 	if err != nil {
 		_ = ioctlInt(f, unix.TUNSETPERSIST, 0)
 		f.Close()
+		if errors.Is(err, unix.ENODEV) {
+			// Deleted or renamed (ip link) since TUNSETIFF made it: the
+			// unit went as it was made, as a node destroyed under an
+			// open goes (ENXIO), not "no such device".
+			err = fmt.Errorf("cloner: %s went while it was made: %w (%v)", name, syscall.ENXIO, err)
+		}
 		return nil, err
 	}
 	if attach {

@@ -834,3 +834,55 @@ func ltIndex(t *testing.T, name string) int {
 	}
 	return i.Index
 }
+
+// TestLinuxCreateRacingDeleteOrRename: an interface an administrator
+// deletes or renames between its making and its lookup by name fails the
+// create with ENXIO (the unit went as it was made, as a destroyed node
+// goes), not ENODEV, which the daemon passed on to the opener of the
+// clone node (TestMixedStress met it a few times a minute), and leaves
+// nothing behind: the renamed one goes with the fd that made it.
+func TestLinuxCreateRacingDeleteOrRename(t *testing.T) {
+	b := ltRequireNetns(t)
+	for _, tc := range []struct {
+		name, renamed string
+		attach        bool
+	}{
+		{"tun109", "", false},
+		{"tap109", "", true},
+		{"tun110", "mv-tun110", true},
+		{"tap110", "mv-tap110", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ltLinkGone(t, tc.name)
+			if tc.renamed != "" {
+				ltLinkGone(t, tc.renamed)
+			}
+			createHook = func(name string) {
+				if tc.renamed != "" {
+					ltIP(t, "link", "set", "dev", name, "name", tc.renamed)
+				} else {
+					ltIP(t, "link", "del", name)
+				}
+			}
+			defer func() { createHook = nil }()
+			kind := Tun
+			if strings.HasPrefix(tc.name, "tap") {
+				kind = Tap
+			}
+			l, err := b.Create(tc.name, kind, tc.attach)
+			if err == nil {
+				_ = l.Delete()
+				_ = l.Close()
+				t.Fatalf("Create(%s) with the interface gone meanwhile succeeded", tc.name)
+			}
+			if !errors.Is(err, syscall.ENXIO) {
+				t.Errorf("Create(%s) with the interface gone meanwhile: %v, want ENXIO", tc.name, err)
+			}
+			for _, name := range []string{tc.name, tc.renamed} {
+				if name != "" && ltLinkExists(name) {
+					t.Errorf("%s left behind by the failed create", name)
+				}
+			}
+		})
+	}
+}
