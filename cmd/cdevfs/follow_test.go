@@ -130,13 +130,13 @@ func TestExternalInterfaceIsAdoptedAndLeftAsMade(t *testing.T) {
 			}
 			syscall.Close(fd)
 			if c.mode == "tun" {
-				out, err := clientAfterClose("icmpecho", d.path(c.name), "198.18.0.2", "198.18.0.1", "3")
+				out, err := client("icmpecho", d.path(c.name), "198.18.0.2", "198.18.0.1", "3").CombinedOutput()
 				if err != nil {
 					t.Fatalf("icmpecho through the adopted %s: %v\n%s\n%s", c.name, err, out, d.log())
 				}
 			}
-			syscall.Close(reopen(t, d.path(c.name))) // waits out the asynchronous RELEASE of the client's close
-			time.Sleep(100 * time.Millisecond)       // and of this one
+			syscall.Close(reopen(t, d.path(c.name))) // an open waits for the client's close (its RELEASE)
+			time.Sleep(100 * time.Millisecond)       // this close's RELEASE: nothing waits for it
 			if got := tunFlags(t, nsPath, c.name); got != flagsBefore {
 				t.Errorf("tun_flags of %s after close = %s, want %s as before", c.name, got, flagsBefore)
 			}

@@ -291,13 +291,12 @@ func TestTransientCloseRacingOpen(t *testing.T) {
 		var next int
 		var err error
 		for {
-			next, err = syscall.Open(path, syscall.O_RDWR, 0)
+			next, err = openRetry(path)
 			if err != syscall.EBUSY {
 				break
 			}
 			// EBUSY is right only while the old device is still open: the
-			// close (whose RELEASE reaches the daemon asynchronously) has
-			// not been processed yet. Retry.
+			// racing close(2) has not begun yet. Retry.
 			busy++
 		}
 		<-closed
@@ -326,7 +325,7 @@ func TestTransientCloseRacingOpen(t *testing.T) {
 	syscall.Close(fd)
 	waitFor(t, "tun8 to go", func() bool { _, err := d.ip("link", "show", "tun8"); return err != nil })
 	waitFor(t, "tun8 to leave ls", func() bool { return !contains(d.ls(), "tun8") })
-	t.Logf("%d iterations: %d fresh devices, %d ENXIO, %d EBUSY retries before the close was processed", iterations, fresh, enxio, busy)
+	t.Logf("%d iterations: %d fresh devices, %d ENXIO, %d EBUSY retries before the close began", iterations, fresh, enxio, busy)
 	if got := d.links(); len(got) != 0 {
 		t.Errorf("links left: %v", got)
 	}
