@@ -52,19 +52,19 @@ func (m *memAttr) UpdateAttr(f func(*devnode.Attr)) {
 
 // entry is what every file of the tree has, whatever it serves: a name,
 // attributes, and the permission checks FreeBSD's devfs makes with
-// them (devfs_access, devfs_setattr). Node types embed it for Getattr,
-// Access and Setattr.
+// them (devfs_access, devfs_setattr). Node types embed it for Getattr
+// and Setattr.
 type entry struct {
 	root  *Root
 	name  string
-	typ   uint32 // S_IFREG or S_IFLNK
+	typ   uint32 // the file type: S_IFREG, S_IFLNK, S_IFDIR, S_IFCHR...
 	size  uint64 // a symlink's length
+	rdev  uint32 // a device node's number (unix.Mkdev), what the kernel opens
 	store attrStore
 }
 
 var (
 	_ = (fs.NodeGetattrer)((*entry)(nil))
-	_ = (fs.NodeAccesser)((*entry)(nil))
 	_ = (fs.NodeSetattrer)((*entry)(nil))
 )
 
@@ -75,6 +75,7 @@ func (e *entry) fill(out *fuse.Attr) {
 	out.Mode = e.typ | a.Mode
 	out.Nlink = 1
 	out.Size = e.size
+	out.Rdev = e.rdev
 	out.Uid, out.Gid = a.Uid, a.Gid
 	out.Atime, out.Atimensec = uint64(a.Atime.Unix()), uint32(a.Atime.Nanosecond())
 	out.Mtime, out.Mtimensec = uint64(a.Mtime.Unix()), uint32(a.Mtime.Nanosecond())
@@ -87,21 +88,15 @@ func (e *entry) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut)
 	return 0
 }
 
-// Access implements fs.NodeAccesser (access(2), which the kernel asks
-// us about since the mount has no default_permissions).
-func (e *entry) Access(ctx context.Context, mask uint32) syscall.Errno {
-	if !e.root.credsOf(ctx).permitted(e.store.Attr(), mask&7) {
-		return syscall.EACCES
-	}
-	return 0
-}
-
 // checkOpen is the permission check of open(2): EACCES, logged, unless
-// the mode lets the caller open with flags.
+// the mode lets the caller open with flags. The kernel has checked the
+// mode already (default_permissions); what this one refuses besides is a
+// capability the policy does not count (creds) and attributes the kernel
+// cached before a rules reload reached it.
 func (e *entry) checkOpen(ctx context.Context, flags uint32) syscall.Errno {
 	cr := e.root.credsOf(ctx)
 	if !cr.permitted(e.store.Attr(), accessWant(flags)) {
-		e.root.log.Warn("refused open", "unit", e.name, "reason", "permission", "pid", cr.pid, "uid", cr.uid)
+		e.root.refuse(ctx, "open", e.name, "reason", "permission")
 		return syscall.EACCES
 	}
 	return 0
@@ -125,7 +120,7 @@ func (e *entry) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn
 		}
 	})
 	if ref != nil {
-		e.root.log.Warn("refused "+ref.action, "unit", e.name, "reason", ref.reason, "pid", cr.pid, "uid", cr.uid)
+		e.root.refuse(ctx, ref.action, e.name, "reason", ref.reason)
 		return ref.errno
 	}
 	e.fill(&out.Attr)
@@ -198,7 +193,7 @@ func setattr(c *creds, a *devnode.Attr, in *fuse.SetAttrInCommon, now time.Time)
 		changed = true
 	}
 	if _, ok := in.GetSize(); ok {
-		// A device has no size: truncation (O_TRUNC, `> /dev/null`) is
+		// A device has no size: truncation (O_TRUNC, `> /dev/tun0`) is
 		// a no-op, but truncate(2) by path still needs write permission.
 		// With a file handle the open already checked it.
 		if _, byFh := in.GetFh(); !byFh && !c.permitted(orig, 2) {

@@ -31,9 +31,12 @@ var askedCaps = privilege.Of(privilege.Chown, privilege.DacOverride, privilege.D
 // creds are a FUSE caller's credentials. The kernel passes the uid, gid
 // and pid (thread id); the supplementary groups and the capabilities come
 // from /proc, read at most once per request and only when a check needs
-// them. The daemon checks permissions itself (no default_permissions
-// mount option), so that every refusal reaches it and is logged; these
-// are the facts the kernel's checks would use.
+// them. The kernel checks modes and ownership first (the mount option
+// default_permissions); the daemon checks again with these, the facts
+// the kernel's checks use, but with capabilities counted only in the
+// user namespaces that own the mount and the network namespace (the
+// kernel counts a capability in the caller's own user namespace if the
+// node's owner and group are mapped there).
 type creds struct {
 	uid, gid, pid uint32
 	policy        *privilege.Policy

@@ -85,11 +85,7 @@ func (h *handle) readNow(dest []byte, nonblock bool) (n int, e syscall.Errno, wa
 	if h.io == nil {
 		return 0, syscall.ENODEV, false
 	}
-	if err := h.node.Enter(); err != nil {
-		return 0, syscall.ENXIO, false
-	}
-	n, err := h.io.Read(context.Background(), dest, true)
-	h.node.Exit()
+	n, err := h.inFlight(func() (int, error) { return h.io.Read(context.Background(), dest, true) })
 	if err != nil {
 		e = errno(err)
 		if e == syscall.EAGAIN && !nonblock {
@@ -108,16 +104,24 @@ func (h *handle) writeNow(data []byte) (int, syscall.Errno) {
 	if h.io == nil {
 		return 0, syscall.ENODEV
 	}
-	if err := h.node.Enter(); err != nil {
-		return 0, syscall.ENXIO
-	}
-	n, err := h.io.Write(context.Background(), data)
-	h.node.Exit()
+	n, err := h.inFlight(func() (int, error) { return h.io.Write(context.Background(), data) })
 	if err != nil {
 		return 0, h.fail(err)
 	}
 	h.metrics.Wrote(n)
 	return n, 0
+}
+
+// inFlight runs op as an in-flight operation of the node; ENXIO if the
+// node is dying. Exit is deferred: a device that panics (a bug the
+// transport answers EIO) must not leave an operation counted in flight,
+// or the node's Destroy would wait for it for ever.
+func (h *handle) inFlight(op func() (int, error)) (int, error) {
+	if err := h.node.Enter(); err != nil {
+		return 0, syscall.ENXIO
+	}
+	defer h.node.Exit()
+	return op()
 }
 
 // Write implements fs.FileWriter: one packet.
@@ -212,15 +216,14 @@ func (h *handle) poll(kh uint64, in, out []byte) syscall.Errno {
 	clear(out)
 	rev := uint32(defaultPollMsk)
 	if p, ok := h.node.Device().(devnode.Poller); ok {
-		if err := h.node.Enter(); err != nil {
+		var wake func()
+		if binary.NativeEndian.Uint32(in)&fusePollScheduleNotify != 0 && h.notify != nil {
+			wake = h.waker(kh)
+		}
+		r, err := h.inFlight(func() (int, error) { return int(p.Poll(wake)), nil })
+		rev = uint32(r)
+		if err != nil {
 			rev = pollErr | pollHup
-		} else {
-			var wake func()
-			if binary.NativeEndian.Uint32(in)&fusePollScheduleNotify != 0 && h.notify != nil {
-				wake = h.waker(kh)
-			}
-			rev = p.Poll(wake)
-			h.node.Exit()
 		}
 	}
 	binary.NativeEndian.PutUint32(out, rev)

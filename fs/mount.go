@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -178,6 +179,7 @@ func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 		ExtraCapabilities: extraCaps(o.IOURing),
 		Debug:             o.Debug,
 		Logger:            log.New(slogWriter{o.Log}, "", 0),
+		PanicHandler:      panicHandler(o.Log, o.Metrics),
 	}
 	raw := fs.NewNodeFS(root, &fs.Options{
 		// Entries and attributes are cached, and invalidated when they
@@ -255,7 +257,7 @@ func (m *Mount) stopInval() {
 // checkMountpoint refuses a missing directory or one that is already a
 // mount point, with a message a user can act on.
 func checkMountpoint(dir string, log *slog.Logger) error {
-	st, err := os.Stat(dir)
+	isDir, err := statSync(dir)
 	if errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNABORTED) {
 		// A daemon that died (kill -9) leaves its mount behind, and every
 		// access fails with ENOTCONN (ECONNABORTED for a moment after the
@@ -269,18 +271,30 @@ func checkMountpoint(dir string, log *slog.Logger) error {
 			return fmt.Errorf("mountpoint %s: unmount the stale cdevfs mount: %w", dir, err)
 		}
 		log.Warn("unmounted a stale cdevfs mount left by a daemon that died", "mountpoint", dir)
-		st, err = os.Stat(dir)
+		isDir, err = statSync(dir)
 	}
 	if err != nil {
 		return fmt.Errorf("mountpoint %s: %w", dir, errors.Unwrap(err))
 	}
-	if !st.IsDir() {
+	if !isDir {
 		return fmt.Errorf("mountpoint %s: not a directory", dir)
 	}
 	if fstype, ok := mountAt(dir); ok {
 		return fmt.Errorf("mountpoint %s: already in use (%s is mounted there)", dir, fstype)
 	}
 	return nil
+}
+
+// statSync stats dir asking its filesystem, not the kernel's cache: the
+// root of a dead FUSE mount may have its attributes cached (the kernel
+// fetches them for its permission checks, default_permissions), and only
+// a request finds the daemon gone (ENOTCONN).
+func statSync(dir string) (isDir bool, err error) {
+	var st unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, dir, unix.AT_STATX_FORCE_SYNC, unix.STATX_TYPE, &st); err != nil {
+		return false, &os.PathError{Op: "statx", Path: dir, Err: err}
+	}
+	return st.Mode&unix.S_IFMT == unix.S_IFDIR, nil
 }
 
 // mountAt returns the filesystem type of the topmost mount at dir in this
@@ -317,4 +331,16 @@ type slogWriter struct{ l *slog.Logger }
 func (w slogWriter) Write(p []byte) (int, error) {
 	w.l.Debug(strings.TrimRight(string(p), "\n"), "component", "go-fuse")
 	return len(p), nil
+}
+
+// panicHandler answers a request whose handler panicked: EIO, a line at
+// ERROR with the stack, and the panic counted. A panic is a bug, never a
+// client's doing (DESIGN.md, "Errors"); go-fuse's own handler would log
+// it where only --debug shows it.
+func panicHandler(log *slog.Logger, m *metrics.Metrics) func(any) fuse.Status {
+	return func(r any) fuse.Status {
+		m.Panicked()
+		log.Error("panic in a FUSE request handler", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+		return fuse.EIO
+	}
 }

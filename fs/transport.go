@@ -223,6 +223,7 @@ func (t *transport) serve(in, out []byte, mayBlock bool) (n int, blocked bool) {
 	}
 	start := time.Now()
 	op := binary.NativeEndian.Uint32(in[4:])
+	defer t.answerPanic(in, out, &n)
 	if t.fast {
 		if n, ok := t.fastPath(op, in, out); ok {
 			t.metrics.Request(op, start) // the request's latency (fast path included)
@@ -264,7 +265,11 @@ func (t *transport) serve(in, out []byte, mayBlock bool) (n int, blocked bool) {
 		n = errorReply(in, out, syscall.ENOTTY)
 	default:
 		var st fuse.Status
-		n, st = t.ps.HandleRequest([][]byte{in}, [][]byte{out})
+		if dirs := (handlelessDir{t.ps}); dirs.owns(op, in) {
+			n, st = dirs.serve(op, in, out)
+		} else {
+			n, st = t.ps.HandleRequest([][]byte{in}, [][]byte{out})
+		}
 		if !st.Ok() {
 			t.log.Error("FUSE request not handled", "opcode", op, "status", st)
 			n = errorReply(in, out, syscall.EIO)
@@ -274,6 +279,17 @@ func (t *transport) serve(in, out []byte, mayBlock bool) (n int, blocked bool) {
 		}
 	}
 	return n, false
+}
+
+// answerPanic, deferred by serve, answers a request whose handling here
+// panicked as go-fuse answers one whose handler did: EIO, logged at ERROR
+// and counted. The tree is not left half-changed: nothing on these paths
+// changes it.
+func (t *transport) answerPanic(in, out []byte, n *int) {
+	if r := recover(); r != nil {
+		panicHandler(t.log, t.metrics)(r)
+		*n = errorReply(in, out, syscall.EIO)
+	}
 }
 
 // fastPath serves READ and WRITE of a device handle without go-fuse: the
@@ -535,17 +551,25 @@ func (t *transport) InodeNotifyStoreCache(node uint64, offset int64, data []byte
 // openFuse opens /dev/fuse nonblocking and mounts it at mnt, as go-fuse's
 // DirectMount does (mount(2) with fd=N, no fusermount), but keeping the fd
 // so that this package's loop serves it.
+//
+// The mount allows device nodes (no MS_NODEV): the kernel's devices are
+// character device inodes that the kernel opens itself. Such an open
+// never reaches the daemon, and without default_permissions the kernel
+// would not check the node's mode either (fuse_permission asks the
+// daemon only for access(2) and chdir): a 0600 null would open for
+// anyone. With it the kernel checks every mode (generic_permission) and
+// every chmod, chown and utimes (setattr_prepare) itself.
 func openFuse(mnt string, allowOther bool, maxRead int) (*os.File, error) {
 	fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open /dev/fuse: %w", err)
 	}
-	data := fmt.Sprintf("fd=%d,rootmode=40000,user_id=%d,group_id=%d,max_read=%d",
+	data := fmt.Sprintf("fd=%d,rootmode=40000,user_id=%d,group_id=%d,max_read=%d,default_permissions",
 		fd, os.Getuid(), os.Getgid(), maxRead)
 	if allowOther {
 		data += ",allow_other"
 	}
-	if err := unix.Mount("cdevfs", mnt, "fuse.cdevfs", unix.MS_NOSUID|unix.MS_NODEV, data); err != nil {
+	if err := unix.Mount("cdevfs", mnt, "fuse.cdevfs", unix.MS_NOSUID, data); err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("mount %s: %w", mnt, err)
 	}

@@ -1,19 +1,21 @@
-// Package fs is the go-fuse tree of cdevfs: the root directory, the static
-// nodes (null, zero, ...), the clone nodes tun and tap, one node per
-// interface, and open handles that proxy to the devices of package devnode.
+// Package fs is the go-fuse tree of cdevfs: the root directory, the
+// kernel's devices (null, zero, ...) as character device nodes, the clone
+// nodes tun and tap, one node per interface, and open handles that proxy
+// to the devices of package devnode.
 //
 // Nodes here hold no lock of their own; devnode's lock order applies.
 package fs
 
 import (
 	"context"
-	"crypto/rand"
+	"fmt"
 	"log/slog"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/kdev"
 	"github.com/cdevfs/cdevfs/internal/privilege"
 	"github.com/cdevfs/cdevfs/metrics"
 	"github.com/cdevfs/cdevfs/rules"
@@ -29,7 +31,8 @@ type Root struct {
 	policy    *privilege.Policy      // who holds which capability
 	cloneable func(name string) bool // a name some cloner would create
 	clones    map[string]bool        // clone node names: "tun", "tap"
-	statics   []*entry               // the static children, in readdir order; set by OnAdd, then read-only
+	devices   []kdev.Device          // the kernel's devices served; set before mounting
+	statics   []staticChild          // the static children, in readdir order; set by OnAdd, then read-only
 	mtime     time.Time
 
 	// rules is the devfs ruleset in force (nil: none), applied to every
@@ -42,6 +45,13 @@ type Root struct {
 	fhs *fhTable
 	// metrics counts opens, packets and errors; set by New (nil: none).
 	metrics *metrics.Metrics
+	// users are the entries callers made in the root (userentry.go), and
+	// userInos numbers them: never reused, between the static entries'
+	// numbers and devnode's.
+	users    userSet
+	userInos atomic.Uint64
+	// refusals logs refused actions at a bounded rate per caller (refuse.go).
+	refusals *refusalLog
 	// tr is the transport serving the tree (set by New before serving, and
 	// again by a remount): the registry's revoke hook tells it, from any
 	// goroutine, so that READs it parks outside the device end (uring.go).
@@ -50,6 +60,9 @@ type Root struct {
 	// mounted (nil before: nothing is cached yet). The registry's unlink
 	// hook reads it from any goroutine.
 	inval atomic.Pointer[invalidator]
+	// byIno orders the device nodes for the listing (rootdir.go); the
+	// registry's policy and unlink hooks tell it of every change of names.
+	byIno inoIndex
 }
 
 var (
@@ -61,18 +74,36 @@ var (
 
 // NewRoot returns the root of a tree serving reg's nodes; clones lists
 // the clone node names (the cloners' prefixes), cloneable tells which
-// names a cloner would create (for logging refusals), and policy decides
+// names a cloner would create (the names a lookup may clone), and policy decides
 // which callers are privileged.
 func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool, policy *privilege.Policy, log *slog.Logger) *Root {
 	r := &Root{reg: reg, log: log, policy: policy, cloneable: cloneable, clones: make(map[string]bool), mtime: time.Now()}
+	r.refusals = newRefusalLog(log, time.Now)
+	r.userInos.Store(userInoBase)
 	for _, c := range clones {
 		r.clones[c] = true
 	}
+	for _, name := range kdev.Defaults {
+		d, err := kdev.Sys("/sys").Lookup(name)
+		if err != nil {
+			log.Warn("kernel device left out", "device", name, "error", err)
+			continue
+		}
+		r.devices = append(r.devices, d)
+	}
 	// Device nodes get the rules before their name is published (FreeBSD
 	// runs devfs_rules_apply before a new entry is visible).
-	reg.SetAttrPolicy(func(name string, a *devnode.Attr) { applyRules(r.rules.Load(), name, a) })
+	// The policy runs as the name is linked, so the listing hears of it
+	// in time.
+	reg.SetAttrPolicy(func(name string, a *devnode.Attr) {
+		applyRules(r.rules.Load(), name, a)
+		r.byIno.changed()
+	})
 	// A destroyed name must not outlive its node in the kernel's cache.
-	reg.SetUnlinkHook(func(name string) { r.inval.Load().entry(name) })
+	reg.SetUnlinkHook(func(name string) {
+		r.byIno.changed()
+		r.inval.Load().entry(name)
+	})
 	// A READ parked on a ring waits outside the device: a revoke must end
 	// it, or the destroy's drain waits for ever.
 	reg.SetRevokeHook(func(n *devnode.Node) {
@@ -81,6 +112,24 @@ func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool
 		}
 	})
 	return r
+}
+
+// AddDevice adds one of the kernel's devices to the tree, beside the
+// defaults (kdev.Defaults) that NewRoot found; before mounting. A name the
+// tree has already, or that a cloner owns, is an error.
+func (r *Root) AddDevice(d kdev.Device) error {
+	taken := r.clones[d.Name] || r.cloneable(d.Name)
+	for _, l := range links {
+		taken = taken || l.name == d.Name
+	}
+	for _, o := range r.devices {
+		taken = taken || o.Name == d.Name
+	}
+	if taken {
+		return fmt.Errorf("device %s: the tree has a %s already", d, d.Name)
+	}
+	r.devices = append(r.devices, d)
+	return nil
 }
 
 // SetRules makes rs the ruleset in force (nil: none) and applies it to
@@ -94,6 +143,19 @@ func (r *Root) SetRules(rs *rules.Ruleset) {
 	for _, e := range r.statics {
 		r.reapply(rs, e.name, e.store)
 	}
+	r.users.each(nil, func(dir *userDir, ch *fs.Inode) {
+		e := userEntryOf(ch)
+		if dir == nil {
+			r.reapply(rs, e.name, e.store)
+			return
+		}
+		// Below the root the kernel is told at once: a lookup there
+		// never waits on a clone, so nothing can hold the directory.
+		if changed, _, _ := reapplyAttrs(rs, e.name, e.store); changed {
+			ch.NotifyContent(-1, 0)
+			dir.NotifyEntry(e.name[len(dir.name)+1:])
+		}
+	})
 	for _, n := range r.reg.List() {
 		r.reapply(rs, n.Name(), n)
 	}
@@ -102,12 +164,7 @@ func (r *Root) SetRules(rs *rules.Ruleset) {
 // reapply applies rs to one entry and tells the kernel what changed: a
 // name now hidden must stop resolving, new owner or mode must show.
 func (r *Root) reapply(rs *rules.Ruleset, name string, s attrStore) {
-	var was, now devnode.Attr
-	s.UpdateAttr(func(a *devnode.Attr) {
-		was = *a
-		applyRules(rs, name, a)
-		now = *a
-	})
+	_, was, now := reapplyAttrs(rs, name, s)
 	switch {
 	case now.Hidden && !was.Hidden:
 		r.inval.Load().entry(name)
@@ -122,6 +179,18 @@ func (r *Root) reapply(rs *rules.Ruleset, name string, s attrStore) {
 	}
 }
 
+// reapplyAttrs applies rs to one entry's attributes: what they were, what
+// they are, and whether they changed.
+func reapplyAttrs(rs *rules.Ruleset, name string, s attrStore) (changed bool, was, now devnode.Attr) {
+	s.UpdateAttr(func(a *devnode.Attr) {
+		was = *a
+		applyRules(rs, name, a)
+		now = *a
+	})
+	changed = now.Hidden != was.Hidden || now.Mode != was.Mode || now.Uid != was.Uid || now.Gid != was.Gid
+	return changed, was, now
+}
+
 // wouldHide reports whether the rules in force hide a new device called
 // name. A hidden name is not cloned on lookup: FreeBSD's devfs_lookup
 // would clone it and then answer ENOENT, leaving an interface nobody
@@ -134,17 +203,25 @@ func (r *Root) wouldHide(name string) bool {
 
 // Static inode numbers; device nodes get theirs from devnode (>= 1<<32).
 const (
-	inoNull = 2 + iota
-	inoZero
-	inoFull
-	inoRandom
-	inoURandom
-	inoFd
+	inoFd = 2 + iota
 	inoStdin
 	inoStdout
 	inoStderr
+	inoPtmx
+	inoCore
 	inoCloneBase
+	inoKernelBase = 1 << 16 // kernel devices, in Root.devices order
+	userInoBase   = 1 << 20 // made by callers (Root.userInos)
 )
+
+// links are the default tree's symlinks.
+var links = []struct{ name, target string }{
+	{"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"}, {"stdout", "/proc/self/fd/1"}, {"stderr", "/proc/self/fd/2"},
+	// The OCI runtime spec's /dev links: ptmx leads into the devpts a
+	// runtime mounts at pts (a directory it makes), core to the kernel's
+	// memory image.
+	{"ptmx", "pts/ptmx"}, {"core", "/proc/kcore"},
+}
 
 // OnAdd builds the static children once the root is mounted, each with
 // the rules in force applied.
@@ -160,19 +237,16 @@ func (r *Root) OnAdd(ctx context.Context) {
 		return entry{root: r, name: name, typ: typ, size: uint64(size), store: m}
 	}
 	add := func(e *entry, ino uint64, ops fs.InodeEmbedder) {
-		r.AddChild(e.name, r.NewPersistentInode(ctx, ops, fs.StableAttr{Mode: e.typ, Ino: ino}), false)
-		r.statics = append(r.statics, e)
+		ch := r.NewPersistentInode(ctx, ops, fs.StableAttr{Mode: e.typ, Ino: ino})
+		r.AddChild(e.name, ch, false)
+		r.statics = append(r.statics, staticChild{e, ch})
 	}
-	for i, s := range []struct {
-		name string
-		kind staticKind
-	}{{"null", kindNull}, {"zero", kindZero}, {"full", kindFull}, {"random", kindRandom}, {"urandom", kindRandom}} {
-		n := &staticNode{entry: newEntry(s.name, syscall.S_IFREG, 0666, 0), kind: s.kind}
-		add(&n.entry, uint64(inoNull+i), n)
+	for i, d := range r.devices {
+		n := &kernelNode{entry: newEntry(d.Name, syscall.S_IFCHR, d.Mode, 0)}
+		n.rdev = d.Rdev()
+		add(&n.entry, uint64(inoKernelBase+i), n)
 	}
-	for i, l := range []struct{ name, target string }{
-		{"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"}, {"stdout", "/proc/self/fd/1"}, {"stderr", "/proc/self/fd/2"},
-	} {
+	for i, l := range links {
 		n := &symlinkNode{entry: newEntry(l.name, syscall.S_IFLNK, 0777, len(l.target)), target: []byte(l.target)}
 		add(&n.entry, uint64(inoFd+i), n)
 	}
@@ -192,28 +266,6 @@ func (r *Root) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 	return 0
 }
 
-// listing is the root's contents, read by rootDir: the static nodes and
-// the live device nodes, except those the rules hide (FreeBSD's
-// DE_WHITEOUT). It never creates anything.
-func (r *Root) listing() fs.DirStream {
-	nodes := r.reg.List()
-	entries := make([]fuse.DirEntry, 0, len(r.statics)+len(nodes))
-	for _, e := range r.statics {
-		if e.hidden() {
-			continue
-		}
-		ch := r.GetChild(e.name)
-		entries = append(entries, fuse.DirEntry{Name: e.name, Mode: ch.Mode(), Ino: ch.StableAttr().Ino})
-	}
-	for _, n := range nodes {
-		if n.Attr().Hidden {
-			continue
-		}
-		entries = append(entries, fuse.DirEntry{Name: n.Name(), Mode: syscall.S_IFREG, Ino: n.Ino()})
-	}
-	return fs.NewListDirStream(entries)
-}
-
 // Lookup implements fs.NodeLookuper. A static name is served from the
 // tree; a device name is looked up in the registry, and a free valid unit
 // is created for a privileged caller (FreeBSD's clone on lookup). An
@@ -222,6 +274,9 @@ func (r *Root) listing() fs.DirStream {
 func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	if ch := r.static(name); ch != nil {
 		return r.staticEntry(ch, out)
+	}
+	if r.users.get(name) != nil {
+		return lookupUser(&r.users, name, out)
 	}
 	n, err := r.reg.Get(name)
 	if err != nil {
@@ -240,6 +295,9 @@ func (r *Root) lookupListed(ctx context.Context, name string, out *fuse.EntryOut
 	if ch := r.static(name); ch != nil {
 		return r.staticEntry(ch, out)
 	}
+	if r.users.get(name) != nil {
+		return lookupUser(&r.users, name, out)
+	}
 	n, err := r.reg.Get(name)
 	if err != nil {
 		return nil, syscall.ENOENT
@@ -247,42 +305,52 @@ func (r *Root) lookupListed(ctx context.Context, name string, out *fuse.EntryOut
 	return r.devEntry(ctx, n, out)
 }
 
-// static returns the static child called name, if there is one.
-func (r *Root) static(name string) *fs.Inode {
-	if ch := r.GetChild(name); ch != nil && ch.StableAttr().Ino < 1<<32 {
-		return ch
+// staticChild is an entry of the default tree and its inode, which
+// lives as long as the mount: the tree's own record of it, so that what
+// go-fuse's child table loses (a FORGET, an unlink) the name keeps.
+type staticChild struct {
+	*entry
+	inode *fs.Inode
+}
+
+// static returns the static child called name, or nil.
+func (r *Root) static(name string) *staticChild {
+	for i := range r.statics {
+		if r.statics[i].name == name {
+			return &r.statics[i]
+		}
 	}
 	return nil
 }
 
-func (r *Root) staticEntry(ch *fs.Inode, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	e := ch.Operations().(entryNode).ent()
-	if e.hidden() {
+func (r *Root) staticEntry(sc *staticChild, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if sc.hidden() {
 		return nil, syscall.ENOENT
 	}
-	e.fill(&out.Attr)
-	return ch, 0
+	sc.fill(&out.Attr)
+	return sc.inode, 0
 }
 
 // cloneOnLookup creates name for a privileged caller, if a cloner makes
 // such names and the rules would not hide it; the node comes back with a
 // reference for the caller.
 func (r *Root) cloneOnLookup(ctx context.Context, name string) (*devnode.Node, syscall.Errno) {
-	c := caller(ctx)
-	if !r.credsOf(ctx).mayClone() {
-		if r.cloneable(name) {
-			r.log.Warn("refused clone", "unit", name, "reason", "caller not privileged", "pid", c.Pid, "uid", c.Uid)
-		}
+	cr := r.credsOf(ctx)
+	// mkdir, mknod, symlink, link, rename, unlink and an exclusive
+	// create of a free unit name look it up first: none of them may
+	// leave an interface behind when it then fails.
+	if !r.cloneable(name) || r.wouldHide(name) || makesName(cr.pid) {
 		return nil, syscall.ENOENT
 	}
-	if r.wouldHide(name) {
+	if !cr.mayClone() {
+		r.refuse(ctx, "clone", name, "reason", "caller not privileged")
 		return nil, syscall.ENOENT
 	}
 	// A racing creator's node comes back from the cloner itself.
 	n, err := r.reg.Lookup(withActor(ctx), name)
 	if err != nil {
 		if e := errno(err); e != syscall.ENOENT {
-			r.log.Warn("refused clone", "unit", name, "error", err, "pid", c.Pid, "uid", c.Uid)
+			r.refuse(ctx, "clone", name, "error", err)
 			return nil, e
 		}
 		return nil, syscall.ENOENT
@@ -301,72 +369,11 @@ func (r *Root) devEntry(ctx context.Context, n *devnode.Node, out *fuse.EntryOut
 	return r.NewInode(ctx, d, fs.StableAttr{Mode: syscall.S_IFREG, Ino: n.Ino()}), 0
 }
 
-// OpendirHandle implements fs.NodeOpendirHandler: the root's listing, with
-// READDIRPLUS lookups that never clone.
-func (r *Root) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	return &rootDir{root: r}, 0, 0
-}
-
-// rootDir is an open root directory. go-fuse serializes the calls on one
-// handle, so it needs no lock of its own.
-type rootDir struct {
-	root *Root
-	ds   fs.DirStream // made by the first read or a rewind
-}
-
-var (
-	_ = (fs.FileReaddirenter)((*rootDir)(nil))
-	_ = (fs.FileSeekdirer)((*rootDir)(nil))
-	_ = (fs.FileReleasedirer)((*rootDir)(nil))
-	_ = (fs.FileLookuper)((*rootDir)(nil))
-)
-
-// Readdirent implements fs.FileReaddirenter.
-func (d *rootDir) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
-	if d.ds == nil {
-		d.ds = d.root.listing()
-	}
-	if !d.ds.HasNext() {
-		return nil, 0
-	}
-	de, e := d.ds.Next()
-	return &de, e
-}
-
-// Seekdir implements fs.FileSeekdirer: a rewind (offset 0) lists afresh,
-// as rewinddir(3) must show entries made since the opendir.
-func (d *rootDir) Seekdir(ctx context.Context, off uint64) syscall.Errno {
-	if off == 0 || d.ds == nil {
-		d.ds = d.root.listing()
-	}
-	if sd, ok := d.ds.(fs.FileSeekdirer); ok {
-		return sd.Seekdir(ctx, off)
-	}
-	return syscall.ENOTSUP
-}
-
-// Releasedir implements fs.FileReleasedirer.
-func (d *rootDir) Releasedir(ctx context.Context, flags uint32) {
-	if d.ds != nil {
-		d.ds.Close()
-	}
-}
-
-// Lookup implements fs.FileLookuper: READDIRPLUS's lookup of a listed name.
-func (d *rootDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	return d.root.lookupListed(ctx, name, out)
-}
-
 func setTimes(a *fuse.Attr, t time.Time) {
 	s, ns := uint64(t.Unix()), uint32(t.Nanosecond())
 	a.Atime, a.Mtime, a.Ctime = s, s, s
 	a.Atimensec, a.Mtimensec, a.Ctimensec = ns, ns, ns
 }
-
-// entryNode is a node of the tree with an entry (every one but the root).
-type entryNode interface{ ent() *entry }
-
-func (e *entry) ent() *entry { return e }
 
 // devNode is the inode of one device (tunN, tapN). Its attributes live
 // in the devnode.Node, so they last as long as the device.
@@ -379,9 +386,7 @@ type devNode struct {
 var (
 	_ = (fs.NodeOpener)((*devNode)(nil))
 	_ = (fs.NodeGetattrer)((*devNode)(nil))
-	_ = (fs.NodeAccesser)((*devNode)(nil))
 	_ = (fs.NodeSetattrer)((*devNode)(nil))
-	_ = (entryNode)((*devNode)(nil))
 )
 
 func (d *devNode) fill(a *fuse.Attr) {
@@ -418,14 +423,6 @@ func (d *devNode) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttr
 	return d.entry.Setattr(ctx, f, in, out)
 }
 
-// Access implements fs.NodeAccesser.
-func (d *devNode) Access(ctx context.Context, mask uint32) syscall.Errno {
-	if d.stale() {
-		return syscall.ESTALE
-	}
-	return d.entry.Access(ctx, mask)
-}
-
 // Open implements fs.NodeOpener: an exclusive open of the device (like
 // tunopen()); EACCES if the mode does not let the caller in, EBUSY if it
 // is open, ENXIO if it is being destroyed, ESTALE once it is gone.
@@ -439,7 +436,7 @@ func (d *devNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32
 	if !d.node.TryRef() { // the handle's reference, dropped on release
 		return nil, 0, syscall.ENXIO
 	}
-	if err := d.node.Open(ctx); err != nil {
+	if err := openNode(ctx, d.node, flags); err != nil {
 		d.node.Rel()
 		return nil, 0, errno(err)
 	}
@@ -458,9 +455,7 @@ type cloneNode struct {
 var (
 	_ = (fs.NodeOpener)((*cloneNode)(nil))
 	_ = (fs.NodeGetattrer)((*cloneNode)(nil))
-	_ = (fs.NodeAccesser)((*cloneNode)(nil))
 	_ = (fs.NodeSetattrer)((*cloneNode)(nil))
-	_ = (entryNode)((*cloneNode)(nil))
 )
 
 // Open implements fs.NodeOpener. Cloning needs privilege whatever the
@@ -468,9 +463,8 @@ var (
 // PRIV_NET_IFCREATE; and, as for any file, the mode must let the caller
 // open it (EACCES), so a rule can keep even a CAP_NET_ADMIN user out.
 func (c *cloneNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	cl := caller(ctx)
 	if !c.root.credsOf(ctx).mayClone() {
-		c.root.log.Warn("refused clone", "unit", c.prefix, "reason", "caller not privileged", "pid", cl.Pid, "uid", cl.Uid)
+		c.root.refuse(ctx, "clone", c.prefix, "reason", "caller not privileged")
 		return nil, 0, syscall.EPERM
 	}
 	if e := c.checkOpen(ctx, flags); e != 0 {
@@ -478,69 +472,27 @@ func (c *cloneNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint
 	}
 	n, err := c.root.reg.Clone(withActor(ctx), c.prefix) // made open, with the handle's reference
 	if err != nil {
-		c.root.log.Warn("refused clone", "unit", c.prefix, "error", err, "pid", cl.Pid, "uid", cl.Uid)
+		c.root.refuse(ctx, "clone", c.prefix, "error", err)
 		return nil, 0, errno(err)
 	}
 	c.root.metrics.Opened()
 	return newHandle(n, c.root), handleFlags, 0
 }
 
-// staticKind says which classic device a static node is.
-type staticKind int
-
-const (
-	kindNull staticKind = iota
-	kindZero
-	kindFull
-	kindRandom
-)
-
-// staticNode is null, zero, full, random or urandom, as on Linux.
-// Truncation (`> /dev/null`) is a no-op (entry.Setattr).
-type staticNode struct {
+// kernelNode is one of the kernel's devices (null, zero, tty, those
+// --device names): a character device inode with the kernel's device
+// number. The kernel opens it itself, through its driver
+// (init_special_inode), and checks the open against its mode (the mount's
+// default_permissions): the daemon serves only its attributes.
+type kernelNode struct {
 	fs.Inode
 	entry
-	kind staticKind
 }
 
 var (
-	_ = (fs.NodeOpener)((*staticNode)(nil))
-	_ = (fs.NodeGetattrer)((*staticNode)(nil))
-	_ = (fs.NodeAccesser)((*staticNode)(nil))
-	_ = (fs.NodeReader)((*staticNode)(nil))
-	_ = (fs.NodeWriter)((*staticNode)(nil))
-	_ = (fs.NodeSetattrer)((*staticNode)(nil))
-	_ = (entryNode)((*staticNode)(nil))
+	_ = (fs.NodeGetattrer)((*kernelNode)(nil))
+	_ = (fs.NodeSetattrer)((*kernelNode)(nil))
 )
-
-// Open implements fs.NodeOpener.
-func (s *staticNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	if e := s.checkOpen(ctx, flags); e != 0 {
-		return nil, 0, e
-	}
-	return nil, fuse.FOPEN_DIRECT_IO, 0
-}
-
-// Read implements fs.NodeReader.
-func (s *staticNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	switch s.kind {
-	case kindNull:
-		return fuse.ReadResultData(nil), 0
-	case kindRandom:
-		rand.Read(dest)
-	default:
-		clear(dest)
-	}
-	return fuse.ReadResultData(dest), 0
-}
-
-// Write implements fs.NodeWriter.
-func (s *staticNode) Write(ctx context.Context, f fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
-	if s.kind == kindFull {
-		return 0, syscall.ENOSPC
-	}
-	return uint32(len(data)), 0
-}
 
 // symlinkNode is fd, stdin, stdout or stderr: a symlink into /proc/self.
 // Rules may hide it or give it an owner, as FreeBSD's rules do for devfs
@@ -555,7 +507,6 @@ var (
 	_ = (fs.NodeReadlinker)((*symlinkNode)(nil))
 	_ = (fs.NodeGetattrer)((*symlinkNode)(nil))
 	_ = (fs.NodeSetattrer)((*symlinkNode)(nil))
-	_ = (entryNode)((*symlinkNode)(nil))
 )
 
 // Readlink implements fs.NodeReadlinker.

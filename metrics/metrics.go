@@ -40,6 +40,8 @@ type Metrics struct {
 	bytesRead, bytesWritten          prometheus.Counter
 	ringRequests                     prometheus.Counter
 	ringParked                       prometheus.Counter
+	watchResyncs                     prometheus.Counter
+	panics                           prometheus.Counter
 
 	refusals *prometheus.CounterVec
 	errors   *prometheus.CounterVec
@@ -69,6 +71,8 @@ func New(states States) *Metrics {
 	m.bytesWritten = counter("written_bytes_total", "Bytes of packets written to devices by clients.")
 	m.ringRequests = counter("fuse_ring_requests_total", "FUSE requests answered through io_uring queues (--io-uring) rather than /dev/fuse.")
 	m.ringParked = counter("fuse_ring_parked_reads_total", "Blocking READs that waited for their packet parked in an io_uring queue (a poll of the device's fd) rather than on a thread.")
+	m.panics = counter("handler_panics_total", "FUSE request handlers that panicked (a bug: each is logged at ERROR with its stack, and its request answered EIO).")
+	m.watchResyncs = counter("watch_resyncs_total", "Times the netlink watch lost link events (its socket overflowed: ENOBUFS) and resynced the tree from a full dump of the interfaces.")
 	m.errors = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "cdevfs", Name: "device_errors_total",
 		Help: "Errors returned by device reads, writes and ioctls, by errno."}, []string{"errno"})
 	m.requests = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "cdevfs", Name: "fuse_request_duration_seconds",
@@ -79,7 +83,7 @@ func New(states States) *Metrics {
 	// Every refusal, whether or not its log line was suppressed (the log
 	// of refusals is rate-limited per caller).
 	m.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "cdevfs", Name: "refusals_total",
-		Help: "Actions refused to a caller (clone, open, chmod, chown, utimes, truncate), by action; each one, logged or not."}, []string{"action"})
+		Help: "Actions refused to a caller, by action (clone, open, chmod, ...); each one, logged or not."}, []string{"action"})
 	m.reg.MustRegister(m.refusals, m.errors, m.requests, stateCollector{states},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -143,6 +147,13 @@ func (m *Metrics) Refused(action string) {
 	}
 }
 
+// Panicked counts a FUSE request handler that panicked.
+func (m *Metrics) Panicked() {
+	if m != nil {
+		m.panics.Inc()
+	}
+}
+
 // Error counts an error returned to a client by a device operation.
 func (m *Metrics) Error(e syscall.Errno) {
 	if m == nil || e == 0 {
@@ -176,6 +187,13 @@ func (m *Metrics) RingParked() {
 		return
 	}
 	m.ringParked.Inc()
+}
+
+// WatchResynced counts one resync of the netlink watch after lost events.
+func (m *Metrics) WatchResynced() {
+	if m != nil {
+		m.watchResyncs.Inc()
+	}
 }
 
 // Request observes one FUSE request with opcode op that started at start.

@@ -42,6 +42,7 @@ func TestCountersMove(t *testing.T) {
 	m.Refused("clone")
 	m.Refused("clone")
 	m.Refused("chmod")
+	m.WatchResynced()
 
 	for _, c := range []struct {
 		got  float64
@@ -63,6 +64,7 @@ func TestCountersMove(t *testing.T) {
 		{testutil.ToFloat64(m.refusals.WithLabelValues("clone")), 2, "refused clones"},
 		{testutil.ToFloat64(m.refusals.WithLabelValues("chmod")), 1, "refused chmods"},
 		{float64(testutil.CollectAndCount(m.refusals)), 2, "refusal series"},
+		{testutil.ToFloat64(m.watchResyncs), 1, "watch resyncs"},
 	} {
 		if c.got != c.want {
 			t.Errorf("%s = %v, want %v", c.what, c.got, c.want)
@@ -81,6 +83,7 @@ func TestCountersMove(t *testing.T) {
 		`cdevfs_fuse_ring_requests_total 2`,
 		`cdevfs_fuse_ring_parked_reads_total 1`,
 		`cdevfs_refusals_total{action="clone"} 2`,
+		`cdevfs_watch_resyncs_total 1`,
 		`go_goroutines `,
 		`process_resident_memory_bytes `,
 	} {
@@ -103,6 +106,7 @@ func TestNilCountsNothing(t *testing.T) {
 	m.Request(15, time.Now())
 	m.RingRequest()
 	m.Refused("open")
+	m.WatchResynced()
 }
 
 // TestPacketPathDoesNotAllocate: the per-packet and per-request methods

@@ -79,8 +79,8 @@ type Ruleset struct {
 type Entry struct {
 	// Path is the entry's name relative to the mount: "tun0".
 	Path string
-	// Type is the entry's cdevsw flags (Type*). No cdevfs node is a
-	// disk, mem, tape or tty device, so cdevfs passes 0, and a `type`
+	// Type is the entry's cdevsw flags (Type*). cdevfs gives no entry
+	// one (not even the kernel's tty) and passes 0, so a `type`
 	// condition never matches, as on FreeBSD for a cdevsw without those
 	// flags (and for symlinks, which have no cdevsw).
 	Type uint32

@@ -22,8 +22,9 @@ import (
 
 	"github.com/cdevfs/cdevfs/cloner"
 	"github.com/cdevfs/cdevfs/devnode"
-	"github.com/cdevfs/cdevfs/internal/privilege"
 	cfs "github.com/cdevfs/cdevfs/fs"
+	"github.com/cdevfs/cdevfs/internal/kdev"
+	"github.com/cdevfs/cdevfs/internal/privilege"
 	"github.com/cdevfs/cdevfs/metrics"
 	sd "github.com/coreos/go-systemd/v22/daemon"
 )
@@ -33,9 +34,10 @@ var version = "devel"
 
 const usage = `usage: cdevfs <command> [arguments]
 
-cdevfs serves a devfs-like tree over FUSE: null, zero, full, random,
-urandom, fd, stdin, stdout, stderr, and the clone nodes tun and tap, whose
-opening creates a real Linux tun/tap interface (the BSD dev_clone model).
+cdevfs serves a devfs-like tree over FUSE: the kernel's null, zero, full,
+random, urandom and tty, fd, stdin, stdout, stderr, and the clone nodes
+tun and tap, whose opening creates a real Linux tun/tap interface (the BSD
+dev_clone model).
 
 commands:
   mount [flags] MOUNTPOINT   mount the tree and serve it in the foreground
@@ -81,6 +83,7 @@ type mountFlags struct {
 	logFormat  logFormat
 	metrics    string
 	iouring    cfs.IOURing
+	devices    []kdev.Spec // --device: kernel devices beside kdev.Defaults
 }
 
 // mountFlagSet defines the mount flags on f.
@@ -97,6 +100,11 @@ func mountFlagSet(f *mountFlags) *flag.FlagSet {
 	fl.StringVar(&f.orphans, "orphans", "adopt", "`WHAT` to do at start with interfaces a killed cdevfs left at this mountpoint: adopt or destroy")
 	fl.StringVar(&f.rules.file, "rules", "", "devfs rules `FILE` (FreeBSD devfs.rules syntax); re-read on SIGHUP")
 	fl.StringVar(&f.rules.set, "ruleset", "", "the ruleset of --rules to apply: `NAME|NUMBER`")
+	fl.Func("device", "serve the kernel's character device `NAME[=MAJ:MIN]` too, as found in /sys/class/*/NAME (or /sys/dev/char/MAJ:MIN); repeatable", func(s string) error {
+		sp, err := kdev.ParseSpec(s)
+		f.devices = append(f.devices, sp)
+		return err
+	})
 	fl.Usage = func() {
 		fmt.Fprint(fl.Output(), "usage: cdevfs mount [flags] MOUNTPOINT\n\nflags:\n")
 		printFlags(fl)
@@ -206,6 +214,20 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, noti
 		return err
 	}
 	root := cfs.NewRoot(reg, prefixes, cloneable, policy, log)
+	for _, sp := range f.devices {
+		d, err := kdev.Sys("/sys").Resolve(sp)
+		if errors.Is(err, kdev.ErrMissing) {
+			log.Warn("kernel device left out", "device", sp.Name, "error", err)
+			continue
+		}
+		if err == nil {
+			err = root.AddDevice(d)
+		}
+		if err != nil {
+			reg.Shutdown(context.Background(), nil)
+			return err
+		}
+	}
 	root.SetRules(rs)
 	// Mount before following the kernel: the mountpoint check refuses a
 	// second daemon on a live mount before it could adopt (and at its
@@ -238,7 +260,7 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, noti
 		})
 		m.Close()
 	}
-	w, err := follow(be, reg, cloners, f.netns, stopWatch, stop, log)
+	w, err := follow(be, reg, cloners, f.netns, stopWatch, stop, mx, log)
 	if w != nil {
 		watching = w
 	}
@@ -277,9 +299,10 @@ func serve(ctx context.Context, dir string, f mountFlags, log *slog.Logger, noti
 // follow makes the tree follow the kernel until stopWatch closes: one
 // netlink subscription adopts interfaces that appear (and lists those
 // there now) and revokes the nodes of deleted ones; with --netns, the
-// deletion of the namespace retires every tun and tap device.
+// deletion of the namespace retires every tun and tap device. Lost
+// events (ENOBUFS) make the watch resync, counted in mx.
 // The returned channel is closed once no watch callback runs any more.
-func follow(be *cloner.Linux, reg *devnode.Registry, cloners []*cloner.Cloner, ns string, stopWatch chan struct{}, stop func(), log *slog.Logger) (<-chan struct{}, error) {
+func follow(be *cloner.Linux, reg *devnode.Registry, cloners []*cloner.Cloner, ns string, stopWatch chan struct{}, stop func(), mx *metrics.Metrics, log *slog.Logger) (<-chan struct{}, error) {
 	onError := func(err error) { log.Error("watch", "error", err) }
 	watching, err := be.Watch(stopWatch, cloner.Watcher{
 		Appeared: func(info cloner.LinkInfo) {
@@ -293,6 +316,17 @@ func follow(be *cloner.Linux, reg *devnode.Registry, cloners []*cloner.Cloner, n
 			}
 		},
 		Error: onError,
+		Known: func() []int {
+			var idx []int
+			for _, c := range cloners {
+				idx = append(idx, c.LinkIndexes()...)
+			}
+			return idx
+		},
+		Resynced: func() {
+			mx.WatchResynced()
+			log.Warn("watch resynced: link events were lost, the tree was reconciled with a full dump")
+		},
 	})
 	if err != nil || ns == "" {
 		return watching, err
