@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -209,6 +210,7 @@ const (
 	inoStderr
 	inoPtmx
 	inoCore
+	inoConsole
 	inoCloneBase
 	inoKernelBase = 1 << 16 // kernel devices, in Root.devices order
 	userInoBase   = 1 << 20 // made by callers (Root.userInos)
@@ -249,6 +251,13 @@ func (r *Root) OnAdd(ctx context.Context) {
 	for i, l := range links {
 		n := &symlinkNode{entry: newEntry(l.name, syscall.S_IFLNK, 0777, len(l.target)), target: []byte(l.target)}
 		add(&n.entry, uint64(inoFd+i), n)
+	}
+	// console: the mount target a runtime binds a terminal over when
+	// one is asked for. crun does not make it when /dev is a bind mount
+	// (runc does); a console of the kernel's, configured, takes its place.
+	if !slices.ContainsFunc(r.devices, func(d kdev.Device) bool { return d.Name == "console" }) {
+		n := &emptyFile{entry: newEntry("console", syscall.S_IFREG, 0600, 0)}
+		add(&n.entry, inoConsole, n)
 	}
 	i := 0
 	for c := range r.clones {

@@ -117,7 +117,7 @@ func (r *Root) makeUser(ctx context.Context, set *userSet, dir, name string, nu 
 	case syscall.S_IFLNK:
 		node = &symlinkNode{entry: e, target: []byte(nu.target)}
 	case syscall.S_IFREG:
-		node = &userFile{entry: e}
+		node = &emptyFile{entry: e}
 	default:
 		node = &specialNode{entry: e}
 	}
@@ -302,24 +302,25 @@ func (r *Root) createUser(ctx context.Context, set *userSet, dir, name string, m
 	return ch, nil, fuse.FOPEN_DIRECT_IO, 0
 }
 
-// userFile is an empty file a caller made: a mount target (a runtime
-// bind-mounts a terminal over console). It holds no data: reads are at
-// its end, writes find no space, as on a device with none.
-type userFile struct {
+// emptyFile is an empty file: one a caller made, or the default console.
+// It is a mount target (a runtime bind-mounts a terminal over console)
+// and holds no data: reads are at its end, writes find no space, as on a
+// device with none.
+type emptyFile struct {
 	fs.Inode
 	entry
 }
 
 var (
-	_ = (fs.NodeOpener)((*userFile)(nil))
-	_ = (fs.NodeReader)((*userFile)(nil))
-	_ = (fs.NodeWriter)((*userFile)(nil))
-	_ = (fs.NodeGetattrer)((*userFile)(nil))
-	_ = (fs.NodeSetattrer)((*userFile)(nil))
+	_ = (fs.NodeOpener)((*emptyFile)(nil))
+	_ = (fs.NodeReader)((*emptyFile)(nil))
+	_ = (fs.NodeWriter)((*emptyFile)(nil))
+	_ = (fs.NodeGetattrer)((*emptyFile)(nil))
+	_ = (fs.NodeSetattrer)((*emptyFile)(nil))
 )
 
 // Open implements fs.NodeOpener.
-func (f *userFile) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+func (f *emptyFile) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	if e := f.checkOpen(ctx, flags); e != 0 {
 		return nil, 0, e
 	}
@@ -327,12 +328,12 @@ func (f *userFile) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 }
 
 // Read implements fs.NodeReader: end of file.
-func (f *userFile) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+func (f *emptyFile) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	return fuse.ReadResultData(nil), 0
 }
 
 // Write implements fs.NodeWriter: ENOSPC.
-func (f *userFile) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+func (f *emptyFile) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
 	return 0, syscall.ENOSPC
 }
 

@@ -173,12 +173,11 @@ echo "container: done"
 // /dev/tun and gets three ICMP echoes answered by the kernel.
 //
 // Both runtimes run with a terminal too, because they set it up
-// differently over a bound /dev: runc creates /dev/console (an empty file
-// made through the mount) and binds the pty's slave over it; crun 1.8
-// (and crun today) only binds over /dev/console, which it creates just in
-// a /dev of its own making ("mount `/dev/pts/0` to `/dev/console`: No
-// such file or directory"), so for crun the test makes the mount target
-// first, as a privileged user may.
+// differently over a bound /dev: runc creates /dev/console if it is not
+// there and binds the pty's slave over it; crun 1.8 (and crun today) only
+// binds over /dev/console, which it creates just in a /dev of its own
+// making ("mount `/dev/pts/0` to `/dev/console`: No such file or
+// directory" without the tree's default console).
 func TestContainerDev(t *testing.T) {
 	requireKernel(t)
 	if _, err := exec.LookPath("script"); err != nil {
@@ -208,19 +207,16 @@ func runContainerDev(t *testing.T, runtime, rootfs string, terminal bool) {
 	}
 	start := time.Now()
 	d := startDaemon(t, "--allow-other")
-	for _, dir := range []string{"pts", "shm", "mqueue", "console"} {
+	for _, dir := range []string{"pts", "shm", "mqueue"} {
 		if contains(d.ls(), dir) {
 			t.Fatalf("a fresh tree has %s already: %v", dir, d.ls())
 		}
 	}
-	// The runtime makes pts, shm and mqueue itself, through the mount
-	// (both do: runc mkdir 0755, crun mkdirat 01755); only crun's console
-	// with terminal: true is the test's (see TestContainerDev).
-	if runtime == "crun" && terminal {
-		if err := os.WriteFile(d.path("console"), nil, 0o600); err != nil {
-			t.Fatalf("create console in the mount: %v", err)
-		}
+	if !contains(d.ls(), "console") {
+		t.Fatalf("a fresh tree has no console to bind a terminal over: %v", d.ls())
 	}
+	// The runtime makes pts, shm and mqueue itself, through the mount
+	// (both do: runc mkdir 0755, crun mkdirat 01755).
 
 	bundle := t.TempDir()
 	state := filepath.Join(bundle, "state")

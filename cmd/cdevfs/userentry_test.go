@@ -12,7 +12,7 @@ import (
 
 // TestUserEntries: a privileged caller finishes the tree as a container
 // runtime does (directories for devpts, shm and mqueue mounted there, a
-// console mount target, links), removes what it made, and cannot take a
+// mount target, links), removes what it made, and cannot take a
 // cloner's name; anyone else is refused. A pseudo-terminal opens through
 // the default ptmx link once devpts is mounted at pts.
 func TestUserEntries(t *testing.T) {
@@ -23,8 +23,8 @@ func TestUserEntries(t *testing.T) {
 			t.Fatalf("mkdir %s: %v", dir, err)
 		}
 	}
-	if err := os.WriteFile(d.path("console"), nil, 0o600); err != nil {
-		t.Fatalf("create console: %v", err)
+	if err := os.WriteFile(d.path("target"), nil, 0o600); err != nil {
+		t.Fatalf("create target: %v", err)
 	}
 	if err := os.Symlink("/proc/self/fd/9", d.path("fd9")); err != nil {
 		t.Fatalf("symlink: %v", err)
@@ -33,7 +33,7 @@ func TestUserEntries(t *testing.T) {
 		t.Fatalf("mkdir shm/sub: %v", err)
 	}
 	ls := d.ls()
-	for _, want := range []string{"pts", "shm", "mqueue", "console", "fd9", "ptmx", "core"} {
+	for _, want := range []string{"pts", "shm", "mqueue", "target", "fd9", "ptmx", "core"} {
 		if !slices.Contains(ls, want) {
 			t.Errorf("ls lacks %s: %v", want, ls)
 		}
@@ -87,7 +87,7 @@ func TestUserEntries(t *testing.T) {
 	capless := []string{"setpriv", "--inh-caps=-all", "--bounding-set=-all"}
 	for _, script := range []string{
 		"mkdir " + d.path("nob"), "ln -s x " + d.path("nob"), ": > " + d.path("nob"),
-		"rmdir " + d.path("mqueue"), "rm " + d.path("console"), "rm " + d.path("fd9"),
+		"rmdir " + d.path("mqueue"), "rm " + d.path("target"), "rm " + d.path("fd9"),
 	} {
 		if out, err := as(nobody, nobody, nil, script); err == nil || !strings.Contains(out, "denied") {
 			t.Errorf("nobody's %q: %v, want EACCES\n%s", script, err, out)
@@ -106,13 +106,13 @@ func TestUserEntries(t *testing.T) {
 			t.Errorf("rmdir %s: %v", p, err)
 		}
 	}
-	for _, p := range []string{"console", "fd9"} {
+	for _, p := range []string{"target", "fd9"} {
 		if err := os.Remove(d.path(p)); err != nil {
 			t.Errorf("rm %s: %v", p, err)
 		}
 	}
 	ls = d.ls()
-	for _, gone := range []string{"pts", "shm", "mqueue", "console", "fd9"} {
+	for _, gone := range []string{"pts", "shm", "mqueue", "target", "fd9"} {
 		if slices.Contains(ls, gone) {
 			t.Errorf("%s still listed after its removal: %v", gone, ls)
 		}
