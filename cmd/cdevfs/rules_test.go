@@ -99,8 +99,9 @@ func (d *daemon) waitLog(s string, n int) {
 
 // TestRulesGroupMemberOpens: with a rule giving tun* mode 0660 group
 // dialout, a member of dialout (by a supplementary or its primary group)
-// opens a unit; anyone else gets EACCES, logged; a member still cannot
-// clone (EPERM) although the clone node is 0660 dialout too; units made
+// opens a unit; anyone else gets EACCES from the kernel (the mount's
+// default_permissions), which the daemon never sees; a member still cannot
+// clone (EPERM, logged) although the clone node is 0660 dialout too; units made
 // later, through the clone node, get the rule when made; tap* is hidden.
 func TestRulesGroupMemberOpens(t *testing.T) {
 	dialout := groupID(t, "dialout")
@@ -125,8 +126,8 @@ func TestRulesGroupMemberOpens(t *testing.T) {
 	if err == nil || !strings.Contains(out, "not permitted") {
 		t.Errorf("a member opening the clone node: %v %q, want EPERM (cloning needs privilege)", err, out)
 	}
-	if n := strings.Count(d.log(), "refused open"); n != 1 {
-		t.Errorf("log has %d \"refused open\" lines, want 1:\n%s", n, d.log())
+	if n := strings.Count(d.log(), "refused open"); n != 0 {
+		t.Errorf("log has %d \"refused open\" lines, want none (the kernel refuses):\n%s", n, d.log())
 	}
 	if n := strings.Count(d.log(), "refused clone"); n != 1 {
 		t.Errorf("log has %d \"refused clone\" lines, want 1:\n%s", n, d.log())
@@ -267,8 +268,9 @@ func TestRulesReloadOnSIGHUP(t *testing.T) {
 // TestChmodChownTouch: root's chmod, chown and touch on a node work,
 // show in stat and last for the node's life (across an open and close);
 // another user's are refused as Linux refuses them (EPERM, or EACCES
-// for touch to the current time on a node it may not write), one log
-// line each; an owner may chmod its own node but not give it away.
+// for touch to the current time on a node it may not write), by the
+// kernel (default_permissions): the daemon sees and logs none of them;
+// an owner may chmod its own node but not give it away.
 func TestChmodChownTouch(t *testing.T) {
 	d := startDaemon(t, "--allow-other")
 	letOthersIn(t, d)
@@ -315,10 +317,8 @@ func TestChmodChownTouch(t *testing.T) {
 	if after.Mode != before.Mode || after.Uid != 0 || after.Gid != 0 || after.Mtim != before.Mtim || after.Ctim != before.Ctim {
 		t.Errorf("tun1 changed by refused calls: %+v -> %+v", before, after)
 	}
-	for what, n := range map[string]int{"refused chmod": 1, "refused chown": 2, "refused utimes": 2, "refused open": 1} {
-		if got := strings.Count(d.log(), what); got != n {
-			t.Errorf("log has %d %q lines, want %d:\n%s", got, what, n, d.log())
-		}
+	if got := strings.Count(d.log(), "refused "); got != 0 {
+		t.Errorf("log has %d \"refused\" lines, want none (the kernel refuses):\n%s", got, d.log())
 	}
 
 	// nobody owns tun0 now: it may chmod it, not give it away.
