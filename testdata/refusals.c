@@ -5,7 +5,9 @@
  *
  *   refusals stat DIR SECONDS   stat DIR/tunN for random N (a lookup the
  *                               daemon refuses to clone: ENOENT)
- *   refusals open DIR SECONDS   open DIR/tun (a clone: EPERM)
+ *   refusals open DIR SECONDS   open DIR/tun (a clone: EPERM; the node's
+ *                               mode must let the caller open it, or the
+ *                               kernel refuses first: EACCES)
  *
  * Prints "refused N" (the calls that failed as expected) and exits 1 if
  * any call had another outcome, since then the daemon did not refuse it.
