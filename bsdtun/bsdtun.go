@@ -1,5 +1,5 @@
 // Package bsdtun holds FreeBSD's tun(4)/tap(4) ioctl numbers as cdevfs
-// serves them: re-encoded with Linux's _IOW/_IOR (DESIGN.md, "ioctls"), the
+// serves them: re-encoded with Linux's _IOW/_IOR (docs/design.md, "ioctls"), the
 // same numbers as testdata/include/net/if_tun.h.
 package bsdtun
 

@@ -1,8 +1,7 @@
 // Package cloner is the if_clone layer of cdevfs: it turns names into
 // units, creates and destroys interfaces through a Backend, and serializes
 // both per cloner so that two racing creators of one name never both
-// succeed and a destroy never races a create of the same unit (seeds 000
-// and 004).
+// succeed and a destroy never races a create of the same unit.
 //
 // Lock order: Cloner.mu → devnode.Registry.mu → devnode.Node.mu.
 package cloner
@@ -29,7 +28,7 @@ type Cloner struct {
 	log  *slog.Logger
 	ev   Events // nil: nobody counts
 
-	// mu is the cloner lock (OpenBSD's if_cloners_lock, seed 000): it is
+	// mu is the cloner lock (OpenBSD's if_cloners_lock): it is
 	// held across unit allocation, interface creation and node publication,
 	// and across unlink, interface deletion and unit release, so each is
 	// atomic to the others. It guards units.
@@ -104,7 +103,7 @@ func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.No
 			// (the caller's Get missed it). Under c.mu the node is still
 			// linked and holds the registry's reference, so hand it out
 			// with a reference for the caller, like tunclone() does for
-			// an existing device (seeds 000, 002). It cannot be given
+			// an existing device. It cannot be given
 			// out already open, though.
 			if !open {
 				if n, err := c.reg.Get(name); err == nil {
@@ -116,7 +115,7 @@ func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.No
 		return c.createLocked(ctx, unit, open)
 	}
 	// Lowest free unit. A unit whose name some other device already has
-	// in the kernel is skipped, not leaked: it stays free (seed 004).
+	// in the kernel is skipped, not leaked: it stays free.
 	for u := c.lowFree; u <= c.max; u++ {
 		if c.units[u] {
 			continue
@@ -302,8 +301,8 @@ func (c *Cloner) rescanLocked(u int) {
 // Retire is for a network namespace that is gone (ip netns del): it
 // refuses every later clone with ENXIO, and destroys every node of this
 // cloner now (revoking open handles), deleting the interfaces cdevfs made,
-// so that the daemon holds nothing of the namespace (seed 002: a VNET
-// jail's teardown destroys its cloned interfaces).
+// so that the daemon holds nothing of the namespace (as a VNET jail's
+// teardown destroys its cloned interfaces).
 func (c *Cloner) Retire(ctx context.Context) {
 	c.mu.Lock()
 	c.retired = true
@@ -378,7 +377,7 @@ func (d *device) logCause(msg string, more ...any) {
 }
 
 // Destroy deletes the interface and frees its unit under the cloner lock,
-// unlinking the node in the same critical section (seed 004).
+// unlinking the node in the same critical section.
 func (d *device) Destroy(unlink func()) error {
 	d.c.mu.Lock()
 	defer d.c.mu.Unlock()

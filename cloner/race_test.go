@@ -15,7 +15,7 @@ import (
 	"github.com/cdevfs/cdevfs/devnode"
 )
 
-// Racing lookups of one free name (seeds 000, 004): the creation is
+// Racing lookups of one free name: the creation is
 // serialized by the cloner lock, so exactly one interface is created and
 // every caller, winner or loser, gets the winner's node with a reference
 // of its own (a loser's Get missed the node; the clone handler then hands
@@ -130,8 +130,8 @@ func TestRacingOpenClonesOfOneNameCreateOnce(t *testing.T) {
 }
 
 // Wildcard clones racing lookups of specific names: every created node
-// has its own name and interface, and the units in use match (seed 004:
-// never two interfaces with one name, no unit leaked).
+// has its own name and interface, and the units in use match (never two
+// interfaces with one name, no unit leaked).
 func TestRacingClonesAndLookupsDistinctNames(t *testing.T) {
 	const workers = 16
 	e := newFakeEnv(t, 0)

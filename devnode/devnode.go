@@ -16,8 +16,9 @@
 //   - DestroySched defers that barrier to a worker (destroy_dev_sched), for
 //     callers that are themselves an in-flight operation (a last close).
 //   - Clone handlers (dev_clone) create a node for a name on demand and
-//     return it with one reference held for the caller (MAKEDEV_REF, seed
-//     002), so the node cannot be destroyed between publication and use.
+//     return it with one reference held for the caller (FreeBSD's
+//     MAKEDEV_REF), so the node cannot be destroyed between publication
+//     and use.
 //
 // Lock order: a cloner's own lock (outside this package) → Registry.mu →
 // Node.mu. Device methods are never called with Registry.mu or Node.mu held.
@@ -47,7 +48,7 @@ type Device interface {
 	Revoke()
 	// Destroy removes the backing object. It must call unlink while
 	// holding whatever serializes creation of the same name, so that a
-	// creator never sees the name half freed (seed 004).
+	// creator never sees the name half freed.
 	Destroy(unlink func()) error
 	// Release frees what the device holds (its fd). Called once, when the
 	// last reference is dropped.
@@ -96,10 +97,10 @@ type Flags uint32
 const (
 	// FlagOpen: an opener holds the node (TUN_OPEN); opens are exclusive.
 	FlagOpen Flags = 1 << iota
-	// FlagDying: destroy has begun (TUN_DYING / seed 001's si_drv1
-	// sentinel); new operations fail with ENXIO.
+	// FlagDying: destroy has begun (TUN_DYING, FreeBSD's sentinel for a
+	// racing open); new operations fail with ENXIO.
 	FlagDying
-	// FlagTransient: destroy on last close (TUNSTRANSIENT, seed 003).
+	// FlagTransient: destroy on last close (TUNSTRANSIENT).
 	FlagTransient
 	// FlagGone: destroy finished; the name is unlinked.
 	FlagGone
@@ -277,7 +278,7 @@ func (n *Node) Exit() {
 // that close, up to closeWait, and then takes the node or fails with
 // ErrBusy; ctx ending ends the wait with EINTR. Any other second open is
 // ErrBusy at once; an open of a dying node is ErrDying, never a
-// half-dead handle (seed 001).
+// half-dead handle.
 func (n *Node) Open(ctx context.Context) error { return n.open(ctx, true) }
 
 // TryOpen is Open for a caller that must not block: where Open would
@@ -319,7 +320,8 @@ func (n *Node) claim(ctx context.Context, wait bool) error {
 		// One critical section for "not dying", "not open" and the
 		// in-flight count: checked in two, a transient last close could
 		// run between them (clearing FlagOpen and setting FlagDying) and
-		// this opener would get the dying node (seed 001's race; caught by
+		// this opener would get the dying node (the race FreeBSD's deferred
+		// transient destroy guards against; caught by
 		// TestTransientCloseRacingOpen).
 		n.mu.Lock()
 		f := n.flags
@@ -402,7 +404,7 @@ func (n *Node) wakeOpenersLocked() {
 // and keeps the device, unless the node is transient, in which case the
 // node dies at once (new opens fail with ENXIO) and the destroy is queued
 // to the registry's worker so that the closing thread never waits on it
-// (seed 001). Close does not drop the handle's reference: the caller does.
+// (FreeBSD defers it to a taskqueue). Close does not drop the handle's reference: the caller does.
 // ctx carries the closer (WithActor), recorded as a transient destroy's
 // cause.
 func (n *Node) Close(ctx context.Context) error {
@@ -414,7 +416,7 @@ func (n *Node) Close(ctx context.Context) error {
 	}
 	if transient && !dying {
 		// Dying in the same critical section that ends the open, so no
-		// opener can slip in between and get a half-dead handle (seed 001).
+		// opener can slip in between and get a half-dead handle.
 		n.flags |= FlagDying
 		n.cause = causeFrom(ctx, ReasonTransientClose)
 	}
@@ -477,7 +479,7 @@ func (n *Node) markDying(c Cause) bool {
 // under way it waits for that one. If ctx ends while operations are still
 // in flight the destroy is abandoned with EINTR and the node lives on;
 // but if they have drained by then it proceeds, so a signal to a closer
-// whose destroy has drained does not abandon it (seed 001, tun_destroy()).
+// whose destroy has drained does not abandon it (as FreeBSD's tun_destroy()).
 func (n *Node) Destroy(ctx context.Context) error {
 	for {
 		n.mu.Lock()
@@ -560,7 +562,7 @@ func (n *Node) drain(ctx context.Context) error {
 		case <-ch:
 		case <-ctx.Done():
 			n.mu.Lock()
-			if n.busy == 0 { // drained meanwhile: carry on (seed 001)
+			if n.busy == 0 { // drained meanwhile: carry on
 				n.mu.Unlock()
 				return nil
 			}
@@ -696,7 +698,7 @@ func (r *Registry) Make(name string, dev Device, open bool) (*Node, error) {
 		destroyed: make(chan struct{}),
 	}
 	now := time.Now()
-	n.attr = Attr{Mode: 0600, Atime: now, Mtime: now, Ctime: now} // DESIGN.md: root:root 0600
+	n.attr = Attr{Mode: 0600, Atime: now, Mtime: now, Ctime: now} // docs/design.md: root:root 0600
 	if open {
 		n.flags |= FlagOpen
 	}
@@ -743,7 +745,7 @@ func (n *Node) Linked() bool {
 
 // Get returns the node named name with a reference held for the caller,
 // without cloning. A dying node is returned too: opening it fails with
-// ENXIO, which is what a racing opener must see (seed 001).
+// ENXIO, which is what a racing opener must see.
 func (r *Registry) Get(name string) (*Node, error) {
 	r.mu.Lock()
 	n, ok := r.nodes[name]

@@ -13,7 +13,7 @@ import (
 // transient node returns at once although another operation on the node
 // is still in flight (held open here by Enter without Exit); the node is
 // dying at once (opens fail with ENXIO), and the deferred destroy finishes
-// only after that operation exits (seed 001, DESIGN.md "last close of a
+// only after that operation exits (docs/design.md, "last close of a
 // transient node").
 func TestTransientCloseReturnsWhileOperationDrains(t *testing.T) {
 	e := newEnv(t)

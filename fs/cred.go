@@ -77,7 +77,7 @@ func (c *creds) has(cp privilege.Cap) bool {
 
 // mayClone reports whether the caller may create interfaces:
 // CAP_NET_ADMIN in the owner of the network namespace they are made in,
-// as tun's own TUNSETIFF asks (DESIGN.md, "Open, close, destroy").
+// as tun's own TUNSETIFF asks (docs/design.md, "Open, close, destroy").
 func (c *creds) mayClone() bool { return c.has(privilege.NetAdmin) }
 
 // inGroup reports whether gid is the caller's primary group or one of its

@@ -6,7 +6,7 @@ import (
 )
 
 // errno maps an error from the layers below to the errno a FUSE caller
-// sees. Every error below wraps the errno with BSD meaning (DESIGN.md,
+// sees. Every error below wraps the errno with BSD meaning (docs/design.md,
 // "Errors"); anything else is an internal failure and reads as EIO.
 func errno(err error) syscall.Errno {
 	if err == nil {

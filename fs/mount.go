@@ -335,7 +335,7 @@ func (w slogWriter) Write(p []byte) (int, error) {
 
 // panicHandler answers a request whose handler panicked: EIO, a line at
 // ERROR with the stack, and the panic counted. A panic is a bug, never a
-// client's doing (DESIGN.md, "Errors"); go-fuse's own handler would log
+// client's doing (docs/design.md, "Errors"); go-fuse's own handler would log
 // it where only --debug shows it.
 func panicHandler(log *slog.Logger, m *metrics.Metrics) func(any) fuse.Status {
 	return func(r any) fuse.Status {

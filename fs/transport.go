@@ -17,7 +17,7 @@ import (
 )
 
 // transport is the small piece in front of go-fuse's request
-// handling (DESIGN.md, "Layers"): it reads requests from /dev/fuse, hands
+// handling (docs/design.md, "Layers"): it reads requests from /dev/fuse, hands
 // them to a fuse.ProtocolServer and writes the replies, and it writes the
 // kernel notifications itself (fs.ServerCallbacks). Owning this loop is what
 // lets cdevfs answer FUSE_POLL, which go-fuse's own server refuses with

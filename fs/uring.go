@@ -444,10 +444,10 @@ func (uq *uringQueue) fail(err error) {
 // wait for. The queue adds entries as READs take them (grow), but a
 // burst can still drain it between two reaps (the kernel sees a new entry
 // only at the next submit). So whenever READs took the queue low, a kick
-// round runs (the README says what TestURingCarriesRequests measures of
-// it): a thread on the queue's CPU asks statfs of the mount, a request
-// that lands on the queue; answering it commits an entry, which fetches
-// one stranded request. Kicks go on while a kick's entry got a request
+// round runs (docs/transport.md says what TestURingCarriesRequests
+// measures of it): a thread on the queue's CPU asks statfs of the mount,
+// a request that lands on the queue; answering it commits an entry, which
+// fetches one stranded request. Kicks go on while a kick's entry got a request
 // from the list after its commit (there may be more), or the queue ran
 // low again since, and stop once kickEmptyEnd kicks in a row found
 // nothing.
@@ -678,9 +678,9 @@ func (uq *uringQueue) handOff(i int, in []byte) {
 		return
 	}
 	// An INTERRUPT that comes from here until go-fuse has taken the
-	// request in is lost (the README says so): only READs that cannot be
-	// parked are handed off, and OPENs that wait for a closing holder
-	// (whose wait is bounded).
+	// request in is lost (docs/transport.md, "Limits"): only READs that
+	// cannot be parked are handed off, and OPENs that wait for a closing
+	// holder (whose wait is bounded).
 	uq.handedOff++
 	bp := t.bufs.Get().(*[]byte)
 	req := append((*bp)[:0], in...)

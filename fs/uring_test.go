@@ -94,7 +94,7 @@ func TestURingCarriesRequests(t *testing.T) {
 		// More blocked readers than entries, spread over the queues, in
 		// a burst: every read must reach the daemon, none left in the
 		// kernel's queue list behind entries that blocked reads hold
-		// (README, "FUSE over io_uring": stranded requests, and kicks).
+		// (docs/transport.md, "Stranded requests and kicks").
 		nq := len(m.t.uring.Load().queues)
 		for _, n := range []int{2*ringEntries*nq + 3, 8*ringEntries*nq + 3} {
 			t.Run(fmt.Sprintf("%d blocked reads", n), func(t *testing.T) {

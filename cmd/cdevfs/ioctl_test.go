@@ -75,7 +75,7 @@ func TestHeaderMatchesGoConstants(t *testing.T) {
 	}
 }
 
-// TestIoctlTable: every ioctl of DESIGN.md's table on a real tun or tap,
+// TestIoctlTable: every ioctl of docs/design.md's table on a real tun or tap,
 // with its effect on the real interface where there is one.
 func TestIoctlTable(t *testing.T) {
 	d := startDaemon(t)

@@ -332,7 +332,7 @@ func follow(be *cloner.Linux, reg *devnode.Registry, cloners []*cloner.Cloner, n
 		return watching, err
 	}
 	return watching, cloner.WatchNetnsGone(cloner.NetnsPath(ns), stopWatch, func() {
-		// Like a VNET jail's teardown (seed 002): every device of the
+		// Like a VNET jail's teardown: every device of the
 		// namespace is destroyed; the static nodes stay.
 		log.Warn("network namespace deleted: revoking its devices", "netns", ns)
 		stop()

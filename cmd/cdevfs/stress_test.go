@@ -704,11 +704,11 @@ func (s *stress) ip(args ...string) (string, error) {
 // sets FR_SENT without the check of FR_INTERRUPTED that fuse_dev_do_read
 // makes, so request_wait_answer, which saw FR_SENT clear, counted on the
 // sender to queue the INTERRUPT, and nobody does. Such a read waits for a
-// packet or its unit's destroy, as the README says of an INTERRUPT lost in
-// a handoff; here it is counted ("lost"), then woken by a deletion, and
-// fails the test only if it is more than a tenth of the signalled reads
-// (seen: 1 to 3 in a hundred; a daemon that lost them all would be far
-// past it). Over /dev/fuse, where the kernel queues every INTERRUPT, one
+// packet or its unit's destroy, as docs/transport.md says of an INTERRUPT
+// lost in a handoff; here it is counted ("lost"), then woken by a
+// deletion, and fails the test only if it is more than a tenth of the
+// signalled reads (seen: 1 to 3 in a hundred; a daemon that lost them all
+// would be far past it). Over /dev/fuse, where the kernel queues every INTERRUPT, one
 // lost is a failure.
 func (w *worker) reader() {
 	kind := []string{"tun", "tap"}[w.rng.Intn(2)]
@@ -896,7 +896,7 @@ func (s *stress) kernelLinks(t *testing.T, nsFlag string) []stressLink {
 	return links
 }
 
-// expectedNodes is DESIGN.md's rule for which unit nodes the tree has,
+// expectedNodes is docs/design.md's rule for which unit nodes the tree has,
 // given the kernel's tun/tap interfaces: one per interface cdevfs made
 // (our mark), under the name it was made with, renamed or not (here: the
 // name without renamedPrefix); and one per other tun/tap interface whose

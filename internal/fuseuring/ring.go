@@ -160,7 +160,7 @@ func NewRing(entries uint32) (*Ring, error) {
 // command (a FUSE request filling an entry, a poll firing) on the ring
 // itself, to be run when the thread waits in Enter, instead of as
 // task work that interrupts the thread wherever it is. Measured on the
-// 2-CPU machine (README, "What each change did"): pipelined 64 B over
+// 2-CPU machine (docs/benchmarks.md, "What each change did"): pipelined 64 B over
 // FUSE about 6 % more packets per second, ping-pong about 1 µs less.
 // Completions are then posted only inside Enter.
 func NewThreadRing(entries uint32) (*Ring, error) {
