@@ -110,7 +110,7 @@ func (e *entry) checkOpen(ctx context.Context, flags uint32) syscall.Errno {
 // logged, one line.
 func (e *entry) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
 	cr := e.root.credsOf(ctx)
-	cr.load() // /proc is read before the entry's lock is taken
+	cr.loadGroups() // /proc is read before the entry's lock is taken
 	var ref *refusal
 	now := time.Now()
 	e.store.UpdateAttr(func(a *devnode.Attr) {

@@ -45,8 +45,9 @@ type creds struct {
 	// caller whose /proc entry cannot be read (outside the daemon's pid
 	// namespace) has no supplementary group and no capability.
 	loaded bool
-	groups []uint32
-	held   privilege.Set // of askedCaps, where the policy checks each
+	proc   *privilege.Creds // nil if unreadable
+	groups []uint32         // supplementary, read from proc when first asked
+	held   privilege.Set    // of askedCaps, where the policy checks each
 }
 
 // credsOf returns the caller's credentials for r's privilege policy.
@@ -64,8 +65,8 @@ func (c *creds) load() {
 	if err != nil {
 		return
 	}
-	c.groups = pc.Groups
 	c.held = c.policy.Held(pc, askedCaps)
+	c.proc = pc
 }
 
 // has reports whether the caller holds cp where it counts (privilege's
@@ -73,6 +74,14 @@ func (c *creds) load() {
 func (c *creds) has(cp privilege.Cap) bool {
 	c.load()
 	return c.held.Has(cp)
+}
+
+// loadGroups reads the supplementary groups, if they were not given.
+func (c *creds) loadGroups() {
+	c.load()
+	if c.groups == nil && c.proc != nil {
+		c.groups, _ = c.proc.Groups()
+	}
 }
 
 // mayClone reports whether the caller may create interfaces:
@@ -86,7 +95,7 @@ func (c *creds) inGroup(gid uint32) bool {
 	if c.gid == gid {
 		return true
 	}
-	c.load()
+	c.loadGroups()
 	for _, g := range c.groups {
 		if g == gid {
 			return true

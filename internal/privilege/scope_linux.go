@@ -100,8 +100,10 @@ func (s *Scope) Capable(c *Creds, cp Cap) bool {
 		// The walk of cap_capable reaches chain[i-1] before chain[i]:
 		// its owner, if it is the caller, holds all of it. An unmapped
 		// euid shows as the overflow uid, which proves nothing.
-		if i > 0 && s.chain[i-1].owner == c.EUID && c.EUID != overflowUID {
-			return true
+		if i > 0 && s.chain[i-1].owner != overflowUID {
+			if euid, err := c.EUID(); err == nil && euid == s.chain[i-1].owner {
+				return true
+			}
 		}
 		return c.Effective.Has(cp)
 	}
