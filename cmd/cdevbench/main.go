@@ -256,8 +256,10 @@ func configure(name string, local netip.Addr) error {
 
 func sysctl(path, v string) { _ = os.WriteFile("/proc/sys/"+path, []byte(v), 0o644) }
 
-// openRetry opens path, retrying while the previous close's RELEASE is
-// still on its way (EBUSY), and returns the time of the successful open.
+// openRetry opens path, retrying while the node is busy (EBUSY) or the
+// open was interrupted (EINTR: an open waiting for a closing holder ends
+// on a signal, and the bench's own children send SIGCHLD; os.OpenFile
+// retries it too), and returns the time of the successful open.
 func openRetry(path string) (int, time.Duration, error) {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -267,7 +269,7 @@ func openRetry(path string) (int, time.Duration, error) {
 		if err == nil {
 			return fd, d, nil
 		}
-		if err != unix.EBUSY || time.Now().After(deadline) {
+		if (err != unix.EBUSY && err != unix.EINTR) || time.Now().After(deadline) {
 			return -1, 0, fmt.Errorf("open %s: %w", path, err)
 		}
 		runtime.Gosched()
