@@ -221,7 +221,7 @@ func (r *Registry) clone(ctx context.Context, name string, open bool) (*Node, er
 	return nil, ErrNotFound
 }
 
-// List returns the names of the live nodes (not dying, not gone), sorted.
+// List returns the live nodes (not dying, not gone), sorted by name.
 func (r *Registry) List() []*Node {
 	r.mu.Lock()
 	nodes := make([]*Node, 0, len(r.nodes))

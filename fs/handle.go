@@ -59,7 +59,7 @@ func newHandle(n *devnode.Node, r *Root) *handle {
 // Read implements fs.FileReader: one packet straight into the reply
 // buffer; a short buffer truncates it. The file is a stream, so the
 // transport passes the file's current open flags in off (see
-// transport.handle): O_NONBLOCK, as set at open, by fcntl or by FIONBIO
+// transport.serve): O_NONBLOCK, as set at open, by fcntl or by FIONBIO
 // (which the VFS handles without asking us), makes an empty read EAGAIN.
 func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	if h.io == nil {
