@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"testing"
@@ -238,6 +240,40 @@ func TestListingSeesWhatWasMade(t *testing.T) {
 	}
 }
 
+// TestMadeDirectoryListingResumes: a directory a caller made is listed
+// by position as the root is: an entry removed before the listing reached
+// it is not listed, the others once, and a rewind shows what was made.
+func TestMadeDirectoryListingResumes(t *testing.T) {
+	dir, _, _ := rootMount(t, IOURingOff)
+	made := filepath.Join(dir, "shm")
+	for _, p := range []string{made, made + "/a", made + "/b", made + "/c"} {
+		if err := os.Mkdir(p, 0755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fd := openDir(t, made)
+	names := []string{readOne(t, fd)}
+	if err := os.Remove(made + "/b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(made+"/d", 0755); err != nil {
+		t.Fatal(err)
+	}
+	names = append(names, readAll(t, fd)...)
+	if !slices.Equal(names, []string{"a", "c", "d"}) {
+		t.Errorf("listing of %s read across rmdir b, mkdir d = %q, want [a c d]", made, names)
+	}
+	if _, err := unix.Seek(fd, 0, io.SeekStart); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(made+"/e", 0755); err != nil {
+		t.Fatal(err)
+	}
+	if names := readAll(t, fd); !slices.Equal(names, []string{"a", "c", "d", "e"}) {
+		t.Errorf("listing of %s after rewinddir = %q, want [a c d e]", made, names)
+	}
+}
+
 func count(names []string, name string) int {
 	c := 0
 	for _, n := range names {
@@ -249,8 +285,10 @@ func count(names []string, name string) int {
 }
 
 // TestOpenDirectoryCost: an open directory costs the daemon no memory, so
-// a user of the mount holding directory fds cannot grow it. 15,000 fds
-// on the root, each read one entry in, may grow the heap by 128 bytes a
+// a user of the mount holding directory fds cannot grow it. 15,000 fds,
+// on the root and on a directory a caller made (the mount point of a
+// runtime's shm, say: the entries beside it take a fd each for its
+// listing), each read one entry in, may grow the heap by 128 bytes a
 // fd at most: a go-fuse handle kept per open would be 4,300 (its table
 // entry alone about 180), while the daemon's own comings and goings (a
 // request reader and its 384 KiB of buffers) stay below 128 × 15,000 =
@@ -269,19 +307,28 @@ func TestOpenDirectoryCost(t *testing.T) {
 	for i := range 3 {
 		makeDev(t, reg, fmt.Sprintf("dev%d", i))
 	}
+	made := filepath.Join(dir, "shm")
+	for _, p := range []string{made, filepath.Join(made, "a"), filepath.Join(made, "b")} {
+		if err := os.Mkdir(p, 0755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dirs := []string{dir, made}
 	fds := make([]int, 0, n)
 	defer func() {
 		for _, fd := range fds {
 			unix.Close(fd)
 		}
 	}()
-	fd := openDir(t, dir) // the first OPENDIR and READDIR, and the readers they start
-	readAll(t, fd)
+	for _, d := range dirs { // the first OPENDIRs and READDIRs, and the readers they start
+		readAll(t, openDir(t, d))
+	}
 	before := heapAlloc()
-	for range n {
-		fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	for i := range n {
+		d := dirs[i%len(dirs)]
+		fd, err := unix.Open(d, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 		if err != nil {
-			t.Fatalf("open %s with %d fds open: %v", dir, len(fds), err)
+			t.Fatalf("open %s with %d fds open: %v", d, len(fds), err)
 		}
 		fds = append(fds, fd)
 		readOne(t, fd)

@@ -211,7 +211,7 @@ type userDir struct {
 
 var (
 	_ = (fs.NodeLookuper)((*userDir)(nil))
-	_ = (fs.NodeReaddirer)((*userDir)(nil))
+	_ = (fs.NodeOpendirHandler)((*userDir)(nil))
 	_ = (fs.NodeMkdirer)((*userDir)(nil))
 	_ = (fs.NodeSymlinker)((*userDir)(nil))
 	_ = (fs.NodeCreater)((*userDir)(nil))
@@ -229,16 +229,43 @@ func (d *userDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 	return lookupUser(&d.users, name, out)
 }
 
-// Readdir implements fs.NodeReaddirer: what is there, less what the
-// rules hide.
-func (d *userDir) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
-	var l []fuse.DirEntry
-	for _, ch := range d.users.inodes() {
-		if e := userEntryOf(ch); !e.hidden() {
-			l = append(l, fuse.DirEntry{Name: e.name[len(d.name)+1:], Mode: e.typ, Ino: ch.StableAttr().Ino})
+// OpendirHandle implements fs.NodeOpendirHandler: what is there, less
+// what the rules hide. Positions are inode numbers, as in the root's
+// listing (rootdir.go), so the transport keeps no handle
+// (handlelessDir).
+func (d *userDir) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	return &userDirReader{dir: d}, fopenHandleless, 0
+}
+
+// userDirReader reads a userDir's listing from a position, afresh at
+// every read. go-fuse serializes the calls on one handle.
+type userDirReader struct {
+	dir *userDir
+	pos uint64        // the position of the last entry read; 0: none
+	de  fuse.DirEntry // that entry: go-fuse reads it until the next call
+}
+
+var (
+	_ = (fs.FileReaddirenter)((*userDirReader)(nil))
+	_ = (fs.FileSeekdirer)((*userDirReader)(nil))
+)
+
+// Readdirent implements fs.FileReaddirenter.
+func (h *userDirReader) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
+	for _, ch := range h.dir.users.inodes() { // in position order
+		if ino, e := ch.StableAttr().Ino, userEntryOf(ch); ino > h.pos && !e.hidden() {
+			h.pos = ino
+			h.de = fuse.DirEntry{Name: e.name[len(h.dir.name)+1:], Mode: e.typ, Ino: ino, Off: ino}
+			return &h.de, 0
 		}
 	}
-	return fs.NewListDirStream(l), 0
+	return nil, 0
+}
+
+// Seekdir implements fs.FileSeekdirer.
+func (h *userDirReader) Seekdir(ctx context.Context, off uint64) syscall.Errno {
+	h.pos = off
+	return 0
 }
 
 // Mkdir implements fs.NodeMkdirer.
