@@ -102,10 +102,10 @@ func (r *Root) remove(ctx context.Context, action, name string, privileged sysca
 // Rename implements fs.NodeRenamer: EPERM. A device's name is what it is
 // (a unit's name is its interface's); FreeBSD's devfs renames nothing.
 func (r *Root) Rename(ctx context.Context, name string, newParent fs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
-	if !r.withEntry(name, func(attrStore) {}) {
+	if r.users.get(name) == nil && !r.withEntry(name, func(attrStore) {}) {
 		return syscall.ENOENT
 	}
-	r.refuse(ctx, "rename", name, "reason", "devices keep their names")
+	r.refuse(ctx, "rename", name, "reason", "entries keep their names")
 	return syscall.EPERM
 }
 

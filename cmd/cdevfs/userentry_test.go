@@ -97,6 +97,11 @@ func TestUserEntries(t *testing.T) {
 		}
 	}
 
+	// Made entries keep their names, as cdevfs's own do.
+	if err := syscall.Rename(d.path("target"), d.path("target2")); err != syscall.EPERM {
+		t.Errorf("rename of a made entry: %v, want EPERM", err)
+	}
+
 	// Root removes what was made, and only what is empty.
 	if err := syscall.Rmdir(d.path("shm")); err != syscall.ENOTEMPTY {
 		t.Errorf("rmdir shm with shm/sub in it: %v, want ENOTEMPTY", err)
