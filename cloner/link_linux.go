@@ -17,6 +17,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// linuxLink implements Link on a real tun/tap interface: the fd that
+// attaches it, and what an attach must not change of it.
 type linuxLink struct {
 	b       *Linux
 	name    string
