@@ -200,7 +200,7 @@ func TestInvalidationsFollowChanges(t *testing.T) {
 func TestListingNeverClones(t *testing.T) {
 	c := newCacheTree(t)
 	c.lookup(t, "tun4")
-	d := &rootDir{root: c.root}
+	d := newRootDir(c.root)
 	ctx := &fuse.Context{Caller: fuse.Caller{Pid: uint32(os.Getpid())}}
 	var names []string
 	for {

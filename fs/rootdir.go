@@ -34,10 +34,8 @@ func (r *Root) next(pos uint64) (de fuse.DirEntry, ok bool) {
 			de, ok = fuse.DirEntry{Name: sc.name, Mode: sc.typ, Ino: ino, Off: ino}, true
 		}
 	}
-	for _, ch := range r.users.inodes() {
-		if ino, e := ch.StableAttr().Ino, userEntryOf(ch); ino > pos && (!ok || ino < de.Off) && !e.hidden() {
-			de, ok = fuse.DirEntry{Name: e.name, Mode: e.typ, Ino: ino, Off: ino}, true
-		}
+	if ude, uok := r.users.next(pos, ""); uok && (!ok || ude.Off < de.Off) {
+		de, ok = ude, true
 	}
 	nodes := r.byIno.nodes(r.reg)
 	i, found := slices.BinarySearchFunc(nodes, pos, func(n *devnode.Node, ino uint64) int { return cmp.Compare(n.Ino(), ino) })
@@ -110,28 +108,35 @@ func (x *inoIndex) current() *inoSnapshot {
 // OpendirHandle implements fs.NodeOpendirHandler: the root's listing, with
 // READDIRPLUS lookups that never clone, and no handle kept.
 func (r *Root) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	return &rootDir{root: r}, fopenHandleless, 0
+	return newRootDir(r), fopenHandleless, 0
 }
 
-// rootDir reads the root's listing from a position. Every read looks
-// at the root afresh, so a rewind (or a read past the end) shows the
-// entries made since. go-fuse serializes the calls on one handle, so it
-// needs no lock of its own.
-type rootDir struct {
-	root *Root
+// positioned is a directory listed by position: next returns its first
+// listed entry after position pos (an inode number), ok false past the
+// end.
+type positioned interface {
+	next(pos uint64) (de fuse.DirEntry, ok bool)
+}
+
+// dirReader reads a directory's listing from a position. Every read
+// looks at the directory afresh, so a rewind (or a read past the end)
+// shows the entries made since. go-fuse serializes the calls on one
+// handle, so it needs no lock of its own.
+type dirReader struct {
+	list positioned
 	pos  uint64        // the position of the last entry read; 0: none
 	de   fuse.DirEntry // that entry: go-fuse reads it until the next call
 }
 
 var (
-	_ = (fs.FileReaddirenter)((*rootDir)(nil))
-	_ = (fs.FileSeekdirer)((*rootDir)(nil))
+	_ = (fs.FileReaddirenter)((*dirReader)(nil))
+	_ = (fs.FileSeekdirer)((*dirReader)(nil))
 	_ = (fs.FileLookuper)((*rootDir)(nil))
 )
 
 // Readdirent implements fs.FileReaddirenter.
-func (d *rootDir) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
-	de, ok := d.root.next(d.pos)
+func (d *dirReader) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
+	de, ok := d.list.next(d.pos)
 	if !ok {
 		return nil, 0
 	}
@@ -140,10 +145,19 @@ func (d *rootDir) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno
 }
 
 // Seekdir implements fs.FileSeekdirer.
-func (d *rootDir) Seekdir(ctx context.Context, off uint64) syscall.Errno {
+func (d *dirReader) Seekdir(ctx context.Context, off uint64) syscall.Errno {
 	d.pos = off
 	return 0
 }
+
+// rootDir is an open root: its listing, with READDIRPLUS lookups that
+// never clone.
+type rootDir struct {
+	dirReader
+	root *Root
+}
+
+func newRootDir(r *Root) *rootDir { return &rootDir{dirReader{list: r}, r} }
 
 // Lookup implements fs.FileLookuper: READDIRPLUS's lookup of a listed name.
 func (d *rootDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {

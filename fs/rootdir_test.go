@@ -185,7 +185,7 @@ func TestListingSeesWhatWasMade(t *testing.T) {
 	defer reg.Shutdown(context.Background(), nil)
 	root := NewRoot(reg, nil, func(string) bool { return false }, ownPolicy(t), quiet)
 	list := func() []string {
-		d := &rootDir{root: root}
+		d := newRootDir(root)
 		var names []string
 		for {
 			de, _ := d.Readdirent(context.Background())

@@ -50,6 +50,22 @@ func (s *userSet) inodes() []*fs.Inode {
 	return l
 }
 
+// next returns the first entry of s after position pos (an inode
+// number) that the rules do not hide, named relative to dir (the path of
+// s's directory, "" for the root); ok is false past the end.
+func (s *userSet) next(pos uint64, dir string) (de fuse.DirEntry, ok bool) {
+	for _, ch := range s.inodes() { // in position order
+		if ino, e := ch.StableAttr().Ino, userEntryOf(ch); ino > pos && !e.hidden() {
+			name := e.name
+			if dir != "" {
+				name = name[len(dir)+1:]
+			}
+			return fuse.DirEntry{Name: name, Mode: e.typ, Ino: ino, Off: ino}, true
+		}
+	}
+	return de, false
+}
+
 // each calls f with every entry of s and of the directories below it,
 // and the directory it is in (nil for s's own).
 func (s *userSet) each(dir *userDir, f func(dir *userDir, ch *fs.Inode)) {
@@ -234,39 +250,11 @@ func (d *userDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 // listing (rootdir.go), so the transport keeps no handle
 // (handlelessDir).
 func (d *userDir) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	return &userDirReader{dir: d}, fopenHandleless, 0
+	return &dirReader{list: d}, fopenHandleless, 0
 }
 
-// userDirReader reads a userDir's listing from a position, afresh at
-// every read. go-fuse serializes the calls on one handle.
-type userDirReader struct {
-	dir *userDir
-	pos uint64        // the position of the last entry read; 0: none
-	de  fuse.DirEntry // that entry: go-fuse reads it until the next call
-}
-
-var (
-	_ = (fs.FileReaddirenter)((*userDirReader)(nil))
-	_ = (fs.FileSeekdirer)((*userDirReader)(nil))
-)
-
-// Readdirent implements fs.FileReaddirenter.
-func (h *userDirReader) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
-	for _, ch := range h.dir.users.inodes() { // in position order
-		if ino, e := ch.StableAttr().Ino, userEntryOf(ch); ino > h.pos && !e.hidden() {
-			h.pos = ino
-			h.de = fuse.DirEntry{Name: e.name[len(h.dir.name)+1:], Mode: e.typ, Ino: ino, Off: ino}
-			return &h.de, 0
-		}
-	}
-	return nil, 0
-}
-
-// Seekdir implements fs.FileSeekdirer.
-func (h *userDirReader) Seekdir(ctx context.Context, off uint64) syscall.Errno {
-	h.pos = off
-	return 0
-}
+// next implements positioned.
+func (d *userDir) next(pos uint64) (fuse.DirEntry, bool) { return d.users.next(pos, d.name) }
 
 // Mkdir implements fs.NodeMkdirer.
 func (d *userDir) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
