@@ -1,7 +1,6 @@
 package fs
 
 import (
-	"context"
 	"io"
 	"log/slog"
 	"path/filepath"
@@ -34,19 +33,10 @@ func TestKernelDevices(t *testing.T) {
 			t.Errorf("AddDevice(%s) succeeded, want an error: the name is taken", name)
 		}
 	}
-	dir := t.TempDir()
-	m, err := New(dir, root, MountOptions{Log: quiet})
+	dir, _, err := mountTree(t, reg, root, MountOptions{Log: quiet})
 	if err != nil {
-		reg.Shutdown(context.Background(), nil)
 		t.Fatal(err)
 	}
-	defer func() {
-		reg.Shutdown(context.Background(), nil)
-		if err := m.Unmount(); err != nil {
-			t.Error(err)
-		}
-		m.Close()
-	}()
 
 	for _, name := range append(append([]string{}, kdev.Defaults...), "kmsg") {
 		want, err := kdev.Sys("/sys").Lookup(name)

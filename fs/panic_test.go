@@ -59,18 +59,10 @@ func TestHandlerPanic(t *testing.T) {
 	reg := devnode.NewRegistry()
 	mx := metrics.New(reg.States)
 	root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(t), log)
-	dir := t.TempDir()
-	m, err := New(dir, root, MountOptions{Log: log, Metrics: mx})
+	dir, _, err := mountTree(t, reg, root, MountOptions{Log: log, Metrics: mx})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
-		if err := m.Unmount(); err != nil {
-			t.Error(err)
-		}
-		reg.Shutdown(context.Background(), nil)
-		m.Close()
-	}()
 	n, err := reg.Make("tun0", &panicDev{}, false)
 	if err != nil {
 		t.Fatal(err)

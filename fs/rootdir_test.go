@@ -23,19 +23,10 @@ func rootMount(t *testing.T, mode IOURing) (dir string, reg *devnode.Registry, r
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	reg = devnode.NewRegistry()
 	root = NewRoot(reg, nil, func(string) bool { return false }, ownPolicy(t), quiet)
-	dir = t.TempDir()
-	m, err := New(dir, root, MountOptions{Log: quiet, IOURing: mode})
+	dir, _, err := mountTree(t, reg, root, MountOptions{Log: quiet, IOURing: mode})
 	if err != nil {
-		reg.Shutdown(context.Background(), nil)
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		reg.Shutdown(context.Background(), nil)
-		if err := m.Unmount(); err != nil {
-			t.Error(err)
-		}
-		m.Close()
-	})
 	return dir, reg, root
 }
 

@@ -38,20 +38,8 @@ func fakeMount(t *testing.T, mode IOURing) (string, *cloner.Fake, *Mount, error)
 	fake := cloner.NewFake()
 	cloner.New(cloner.Tun, fake, reg, 0, quiet)
 	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, ownPolicy(t), quiet)
-	dir := t.TempDir()
-	m, err := New(dir, root, MountOptions{Log: quiet, IOURing: mode})
-	if err != nil {
-		reg.Shutdown(context.Background(), nil)
-		return dir, fake, nil, err
-	}
-	t.Cleanup(func() {
-		reg.Shutdown(context.Background(), nil)
-		if err := m.Unmount(); err != nil {
-			t.Error(err)
-		}
-		m.Close()
-	})
-	return dir, fake, m, nil
+	dir, m, err := mountTree(t, reg, root, MountOptions{Log: quiet, IOURing: mode})
+	return dir, fake, m, err
 }
 
 func openFDs(t *testing.T) int {
