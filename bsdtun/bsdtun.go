@@ -1,6 +1,6 @@
 // Package bsdtun holds FreeBSD's tun(4)/tap(4) ioctl numbers as cdevfs
 // serves them: re-encoded with Linux's _IOW/_IOR (docs/design.md, "ioctls"), the
-// same numbers as testdata/include/net/if_tun.h.
+// same numbers as include/net/if_tun.h.
 package bsdtun
 
 // Linux ioctl number encoding (asm-generic/ioctl.h).

@@ -27,7 +27,7 @@
  * mount.
  *
  * With -u UPCMD, once DEVICE is open the client asks which interface it
- * got (cdevfs's BSD TUNGIFNAME ioctl, as from testdata/include/net/if_tun.h)
+ * got (cdevfs's BSD TUNGIFNAME ioctl, as from include/net/if_tun.h)
  * and runs `sh -c UPCMD sh IFNAME` before the first request, as OpenVPN
  * runs its --up script: opening a clone node (MOUNT/tun) creates an
  * interface whose name only the opener learns, and someone has to give it
@@ -65,7 +65,7 @@
 
 #ifdef __linux__
 /* cdevfs's TUNGIFNAME (BSD's, re-encoded for Linux); the same number as in
- * testdata/include/net/if_tun.h, whose <net/if.h> clashes with <linux/if.h>. */
+ * include/net/if_tun.h, whose <net/if.h> clashes with <linux/if.h>. */
 #ifndef TUNGIFNAME
 #define TUNGIFNAME _IOR('t', 93, struct ifreq)
 #endif

@@ -1,7 +1,7 @@
 /*-
  * Port of FreeBSD's tests/sys/net/transient_tuntap.c (Kyle Evans, 2024,
  * BSD-2-Clause) to cdevfs: the same logic, with net/if_tun.h from
- * testdata/include (the BSD ioctls re-encoded for Linux).
+ * include/ (the BSD ioctls re-encoded for Linux).
  *
  * This test simply configures the tunnel as transient and exits. By the time
  * the close is processed, the tunnel should be gone because the last

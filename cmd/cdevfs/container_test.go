@@ -63,7 +63,7 @@ func buildStatic() (string, error) {
 		}
 		for _, name := range staticClients {
 			src := filepath.Join("../../testdata", name+".c")
-			out, err := exec.Command("gcc", "-static", "-Wall", "-Wextra", "-O2", "-I../../testdata/include",
+			out, err := exec.Command("gcc", "-static", "-Wall", "-Wextra", "-O2", "-I../../include",
 				"-o", filepath.Join(staticDir, name), src).CombinedOutput()
 			if err != nil {
 				staticErr = fmt.Errorf("gcc -static %s (libc6-dev has the static libc): %v\n%s", src, err, out)

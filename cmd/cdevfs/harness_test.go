@@ -74,7 +74,7 @@ func buildAll() error {
 	srcs, _ := filepath.Glob("../../testdata/*.c")
 	for _, src := range srcs {
 		out := filepath.Join(binDir, strings.TrimSuffix(filepath.Base(src), ".c"))
-		if b, err := exec.Command("gcc", "-Wall", "-Wextra", "-O2", "-I../../testdata/include", "-o", out, src).CombinedOutput(); err != nil {
+		if b, err := exec.Command("gcc", "-Wall", "-Wextra", "-O2", "-I../../include", "-o", out, src).CombinedOutput(); err != nil {
 			return fmt.Errorf("gcc %s: %v\n%s", src, err, b)
 		}
 	}

@@ -4,7 +4,8 @@
  * "restricted" ioctls (their size and direction are in the number; the BSD
  * values would decode wrongly on Linux).
  *
- * Use: cc -I path/to/cdevfs/testdata/include prog.c, then
+ * Use: cc -I path/to/cdevfs/include prog.c (or install it under
+ * /usr/local/include, as the README shows), then
  *   #include <net/if_tun.h>
  *   fd = open("/dev/tun", O_RDWR);              (on a cdevfs mount)
  *   struct ifreq ifr; ioctl(fd, TUNGIFNAME, &ifr);  -> "tun0"
