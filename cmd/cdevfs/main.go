@@ -90,7 +90,7 @@ type mountFlags struct {
 func mountFlagSet(f *mountFlags) *flag.FlagSet {
 	fl := flag.NewFlagSet("cdevfs mount", flag.ContinueOnError)
 	fl.BoolVar(&f.allowOther, "allow-other", false, "let every user use the mount (mount option allow_other); cloning still needs CAP_NET_ADMIN")
-	fl.TextVar(&f.iouring, "io-uring", cfs.IOURingOff, "`MODE` of carrying FUSE requests over io_uring: off, auto (when the kernel offers it: fuse's enable_uring is Y) or on (required); see the README for its limit")
+	fl.TextVar(&f.iouring, "io-uring", cfs.IOURingOff, "`MODE` of carrying FUSE requests over io_uring: off, auto (when the kernel offers it: fuse's enable_uring is Y) or on (required); over io_uring a request can be stranded in the kernel behind blocked reads")
 	fl.IntVar(&f.maxUnit, "max-unit", cloner.DefaultMaxUnit, "highest tun/tap unit number `N`")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request (implies --log-level debug)")
 	fl.TextVar(&f.logLevel, "log-level", slog.LevelInfo, "lowest `LEVEL` logged: debug, info, warn or error")
