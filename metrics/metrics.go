@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cdevfs/cdevfs/internal/fusewire"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -47,7 +48,7 @@ type Metrics struct {
 	errors   *prometheus.CounterVec
 	errorBy  [maxErrno]atomic.Pointer[prometheus.Counter]
 	requests *prometheus.HistogramVec
-	reqBy    [len(opNames)]atomic.Pointer[prometheus.Observer]
+	reqBy    [fusewire.MaxOpcode + 1]atomic.Pointer[prometheus.Observer]
 }
 
 // maxErrno bounds the errno numbers cached; Linux's are below 134.
@@ -203,12 +204,13 @@ func (m *Metrics) Request(op uint32, start time.Time) {
 		return
 	}
 	d := time.Since(start).Seconds()
-	if op >= uint32(len(opNames)) || opNames[op] == "" {
-		op = 0 // "other"
+	name := fusewire.Name(op)
+	if name == "" {
+		op, name = 0, "other"
 	}
 	o := m.reqBy[op].Load()
 	if o == nil {
-		child := m.requests.WithLabelValues(opNames[op])
+		child := m.requests.WithLabelValues(name)
 		o = &child
 		m.reqBy[op].Store(o)
 	}
