@@ -6,9 +6,10 @@ import (
 )
 
 // fhTable maps the kernel's file handle numbers (go-fuse's fh, a small
-// index it recycles after RELEASE) to device handles, for the transport's
-// READ/WRITE fast path. A lookup is two atomic loads: no lock shared by
-// all devices on the packet path. Stores (open, release) take mu.
+// index it recycles after RELEASE) to device handles: the tree's side of
+// transport.Files, for the transport's packet path. A lookup is two
+// atomic loads: no lock shared by all devices on the packet path. Growth
+// takes mu.
 type fhTable struct {
 	mu     sync.Mutex // serializes growth
 	chunks atomic.Pointer[[]*fhChunk]
@@ -27,14 +28,15 @@ func (t *fhTable) get(fh uint64) *handle {
 	return (*cs)[fh/fhChunkSize][fh%fhChunkSize].Load()
 }
 
-// set registers h for fh; a nil h clears it.
-func (t *fhTable) set(fh uint64, h *handle) {
-	if h == nil {
-		if cs := t.chunks.Load(); cs != nil && fh/fhChunkSize < uint64(len(*cs)) {
-			(*cs)[fh/fhChunkSize][fh%fhChunkSize].Store(nil)
-		}
-		return
+// clear forgets fh if h is still registered for it.
+func (t *fhTable) clear(fh uint64, h *handle) {
+	if cs := t.chunks.Load(); cs != nil && fh/fhChunkSize < uint64(len(*cs)) {
+		(*cs)[fh/fhChunkSize][fh%fhChunkSize].CompareAndSwap(h, nil)
 	}
+}
+
+// set registers h for fh.
+func (t *fhTable) set(fh uint64, h *handle) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	var cs []*fhChunk

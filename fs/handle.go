@@ -2,13 +2,13 @@ package fs
 
 import (
 	"context"
-	"encoding/binary"
 	"sync"
 	"sync/atomic"
 	"syscall"
 
 	"github.com/cdevfs/cdevfs/devnode"
 	"github.com/cdevfs/cdevfs/metrics"
+	"github.com/cdevfs/cdevfs/transport"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
@@ -25,9 +25,12 @@ const handleFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_STREAM | fuse.FOPEN_NONSEE
 type handle struct {
 	node    *devnode.Node
 	io      devnode.IO
-	notify  func(kh uint64)  // sends FUSE_NOTIFY_POLL
-	fhs     *fhTable         // the transport's fast-path table (identCmd)
+	files   *fhTable         // the tree's device files by fh (transport.Files)
 	metrics *metrics.Metrics // packets, bytes, errors; nil counts nothing
+
+	// fh is go-fuse's number of the handle, as the transport told it
+	// (transport.IdentifyCmd); 0 until then.
+	fh atomic.Uint64
 
 	// pollKh is the kernel's poll handle of this file (stable until
 	// release) and pollWake the wake function built for it once, so a
@@ -48,10 +51,11 @@ var (
 	_ = (fs.FileReleaser)((*handle)(nil))
 	_ = (fs.FileIoctler)((*handle)(nil))
 	_ = (fs.FileFlusher)((*handle)(nil))
+	_ = (transport.File)((*handle)(nil))
 )
 
 func newHandle(n *devnode.Node, r *Root) *handle {
-	h := &handle{node: n, notify: r.notifyPoll, fhs: r.fhs, metrics: r.metrics}
+	h := &handle{node: n, files: &r.files, metrics: r.metrics}
 	h.io, _ = n.Device().(devnode.IO)
 	return h
 }
@@ -59,7 +63,7 @@ func newHandle(n *devnode.Node, r *Root) *handle {
 // Read implements fs.FileReader: one packet straight into the reply
 // buffer; a short buffer truncates it. The file is a stream, so the
 // transport passes the file's current open flags in off (see
-// transport.serve): O_NONBLOCK, as set at open, by fcntl or by FIONBIO
+// transport.Conn.Serve): O_NONBLOCK, as set at open, by fcntl or by FIONBIO
 // (which the VFS handles without asking us), makes an empty read EAGAIN.
 func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	if h.io == nil {
@@ -77,11 +81,11 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 	return fuse.ReadResultData(dest[:n]), 0
 }
 
-// readNow is the transport's fast READ: one packet straight into dest (the
+// ReadNow implements transport.File: one packet straight into dest (the
 // reply buffer) if one is queued. wait reports that none is and the read
 // should block, which is left to Read (go-fuse's request, with its
-// interrupt handling). It allocates nothing.
-func (h *handle) readNow(dest []byte, nonblock bool) (n int, e syscall.Errno, wait bool) {
+// interrupt handling) or to a wait (BeginWait). It allocates nothing.
+func (h *handle) ReadNow(dest []byte, nonblock bool) (n int, e syscall.Errno, wait bool) {
 	if h.io == nil {
 		return 0, syscall.ENODEV, false
 	}
@@ -97,10 +101,10 @@ func (h *handle) readNow(dest []byte, nonblock bool) (n int, e syscall.Errno, wa
 	return n, 0, false
 }
 
-// writeNow is the transport's fast WRITE: Write without go-fuse. A device
+// WriteNow implements transport.File: Write without go-fuse. A device
 // write never blocks (a tun takes or drops the packet), so no interrupt
 // can concern it.
-func (h *handle) writeNow(data []byte) (int, syscall.Errno) {
+func (h *handle) WriteNow(data []byte) (int, syscall.Errno) {
 	if h.io == nil {
 		return 0, syscall.ENODEV
 	}
@@ -169,23 +173,23 @@ func (h *handle) Release(ctx context.Context) syscall.Errno {
 	} else {
 		ctx = withActor(ctx)
 	}
+	if fh := h.fh.Load(); fh != 0 {
+		// Before go-fuse recycles the number. The kernel sends RELEASE
+		// after every request on the file was answered, so no READ or
+		// WRITE can still look it up.
+		h.files.clear(fh, h)
+	}
 	err := h.node.Close(ctx)
 	h.node.Rel()
 	return errno(err)
 }
 
-// Ioctl implements fs.FileIoctler; the transport's private pollCmd
-// carries a FUSE_POLL.
+// Ioctl implements fs.FileIoctler; the transport's private IdentifyCmd
+// tells the handle its fh.
 func (h *handle) Ioctl(ctx context.Context, cmd uint32, arg uint64, input, output []byte) (int32, syscall.Errno) {
-	switch cmd {
-	case pollCmd:
-		return 0, h.poll(arg, input, output)
-	case identCmd:
-		// The transport asks which handle go-fuse keeps under fh (arg),
-		// right after answering its OPEN: register for the fast path.
-		if h.fhs != nil {
-			h.fhs.set(arg, h)
-		}
+	if cmd == transport.IdentifyCmd {
+		h.fh.Store(arg)
+		h.files.set(arg, h)
 		return 0, 0
 	}
 	if err := h.node.Enter(); err != nil {
@@ -202,42 +206,60 @@ func (h *handle) Ioctl(ctx context.Context, cmd uint32, arg uint64, input, outpu
 	return 0, 0
 }
 
-// fusePollScheduleNotify is FUSE_POLL_SCHEDULE_NOTIFY: the kernel will
-// wait, so readiness changes must be notified for poll handle kh.
-const fusePollScheduleNotify = 1
-
-// poll answers a FUSE_POLL: readable when a packet is queued, writable
-// always, POLLERR|POLLHUP once revoked. The kernel's poll handle stays
-// valid until release, so one registration serves every later wait.
-func (h *handle) poll(kh uint64, in, out []byte) syscall.Errno {
-	if len(in) < 8 || len(out) < 4 {
-		return syscall.EINVAL
+// Poll implements transport.File: readable when a packet is queued,
+// writable always, POLLERR|POLLHUP once revoked. The kernel's poll handle
+// kh stays valid until release, so one registration serves every later
+// wait.
+func (h *handle) Poll(kh uint64, schedule bool, n transport.PollNotifier) uint32 {
+	p, ok := h.node.Device().(devnode.Poller)
+	if !ok {
+		return transport.DefaultPollMask
 	}
-	clear(out)
-	rev := uint32(defaultPollMsk)
-	if p, ok := h.node.Device().(devnode.Poller); ok {
-		var wake func()
-		if binary.NativeEndian.Uint32(in)&fusePollScheduleNotify != 0 && h.notify != nil {
-			wake = h.waker(kh)
-		}
-		r, err := h.inFlight(func() (int, error) { return int(p.Poll(wake)), nil })
-		rev = uint32(r)
-		if err != nil {
-			rev = pollErr | pollHup
-		}
+	var wake func()
+	if schedule {
+		wake = h.waker(kh, n)
 	}
-	binary.NativeEndian.PutUint32(out, rev)
-	return 0
+	r, err := h.inFlight(func() (int, error) { return int(p.Poll(wake)), nil })
+	if err != nil {
+		return transport.PollErr | transport.PollHup
+	}
+	return uint32(r)
 }
 
 // waker returns the function that notifies the kernel's pollers of poll
-// handle kh, made once per handle (the kernel keeps kh until release).
-func (h *handle) waker(kh uint64) func() {
+// handle kh through n, made once per handle (the kernel keeps kh until
+// release), so a poll that schedules a notification allocates nothing.
+func (h *handle) waker(kh uint64, n transport.PollNotifier) func() {
 	h.pollMu.Lock()
 	defer h.pollMu.Unlock()
 	if h.pollWake == nil || h.pollKh != kh {
 		h.pollKh = kh
-		h.pollWake = func() { h.notify(kh) }
+		h.pollWake = func() { n.PollNotify(kh) }
 	}
 	return h.pollWake
 }
+
+// BeginWait implements transport.File: the device's fd to wait for a
+// packet on (devnode.ReadWaiter), the wait an in-flight operation of the
+// node, as a blocked Read is, until EndWait.
+func (h *handle) BeginWait() (fd int, ok bool) {
+	w, ok := h.node.Device().(devnode.ReadWaiter)
+	if !ok || h.io == nil {
+		return -1, false
+	}
+	if h.node.Enter() != nil {
+		return -1, false // dying: Read answers ENXIO
+	}
+	if fd = w.ReadFD(); fd < 0 {
+		h.node.Exit()
+		return -1, false
+	}
+	return fd, true
+}
+
+// EndWait implements transport.File.
+func (h *handle) EndWait() { h.node.Exit() }
+
+// Device implements transport.File: the node's inode number, which no
+// other node ever has, names it in revoke notices.
+func (h *handle) Device() uint64 { return h.node.Ino() }

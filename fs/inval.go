@@ -30,9 +30,10 @@ type invalidator struct {
 	dir *fs.Inode // the directory whose entries these are (the root)
 	log *slog.Logger
 
-	mu      sync.Mutex // guards q and stopped
-	q       []invalidation
-	stopped bool // nothing is cached any more (unmounted): drop everything
+	mu        sync.Mutex // guards q, stopped and abandoned
+	q         []invalidation
+	stopped   bool // nothing is cached any more (unmounted): drop everything
+	abandoned bool // stop does not wait for run (abandon)
 
 	wake chan struct{} // capacity 1: q became non-empty
 	done chan struct{} // closed when run returns
@@ -71,17 +72,37 @@ func (v *invalidator) push(i invalidation) {
 	}
 }
 
-// stop drops what is queued and waits for the goroutine to end. Called
-// once the mount is gone, before /dev/fuse is closed.
+// stop drops what is queued and waits for the goroutine to end (unless
+// abandon came first). Called once the mount is gone, before /dev/fuse
+// is closed.
 func (v *invalidator) stop() {
+	if v.halt() {
+		<-v.done
+	}
+}
+
+// abandon drops what is queued and ends the goroutine without waiting
+// for it, now or in a later stop: the notification it writes may wait
+// for ever, for a directory whose lock a request stranded on a failed
+// io_uring queue holds (Mount.Unmount).
+func (v *invalidator) abandon() {
+	v.mu.Lock()
+	v.abandoned = true
+	v.mu.Unlock()
+	v.halt()
+}
+
+// halt stops the goroutine, once, and says whether to wait for it.
+func (v *invalidator) halt() (wait bool) {
 	v.mu.Lock()
 	already := v.stopped
 	v.stopped, v.q = true, nil
+	wait = !v.abandoned
 	v.mu.Unlock()
 	if !already {
 		close(v.wake)
 	}
-	<-v.done
+	return wait
 }
 
 func (v *invalidator) run() {

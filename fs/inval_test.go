@@ -2,18 +2,20 @@ package fs
 
 import (
 	"context"
-	"encoding/binary"
 	"io"
 	"log/slog"
 	"os"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/cdevfs/cdevfs/cloner"
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/fusewire"
 	"github.com/cdevfs/cdevfs/internal/kdev"
 	"github.com/cdevfs/cdevfs/rules"
+	"github.com/cdevfs/cdevfs/transport"
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
@@ -23,6 +25,25 @@ type notification struct {
 	body []byte
 }
 
+// entry decodes an INVAL_ENTRY notification: the parent and the name.
+func (n notification) entry() (parent uint64, name string, ok bool) {
+	h := fusewire.View[fuse.NotifyInvalEntryOut](n.body)
+	if n.code != fusewire.NotifyInvalEntry || h == nil {
+		return 0, "", false
+	}
+	size := int(unsafe.Sizeof(*h))
+	if len(n.body) < size+int(h.NameLen) {
+		return 0, "", false
+	}
+	return h.Parent, string(n.body[size : size+int(h.NameLen)]), true
+}
+
+// inode decodes an INVAL_INODE notification.
+func (n notification) inode() (*fuse.NotifyInvalInodeOut, bool) {
+	h := fusewire.View[fuse.NotifyInvalInodeOut](n.body)
+	return h, n.code == fusewire.NotifyInvalInode && h != nil
+}
+
 // cacheTree is a tree on the fake kernel, served by a transport whose
 // /dev/fuse is a pipe: requests are handled in-process, and what the
 // daemon writes (replies and notifications) is read back.
@@ -30,7 +51,7 @@ type cacheTree struct {
 	reg   *devnode.Registry
 	fake  *cloner.Fake
 	root  *Root
-	t     *transport
+	conn  *transport.Conn
 	inval *invalidator
 	r     reqs
 	out   []byte
@@ -46,23 +67,24 @@ func newCacheTree(t *testing.T) *cacheTree {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.t = newServer(pw, c.root, MountOptions{Log: quiet})
+	c.conn = serveConn(pw, c.root, true)
 	c.inval = newInvalidator(&c.root.Inode, quiet)
 	c.root.inval.Store(c.inval)
 	done := make(chan struct{})
 	go func() { // split the stream into messages; keep the notifications
 		defer close(done)
 		for {
-			var h [16]byte
+			var h [fusewire.OutHeaderSize]byte
 			if _, err := io.ReadFull(pr, h[:]); err != nil {
 				return
 			}
-			body := make([]byte, binary.NativeEndian.Uint32(h[0:])-16)
+			out := fusewire.Out(h[:])
+			body := make([]byte, int(out.Length)-len(h))
 			if _, err := io.ReadFull(pr, body); err != nil {
 				return
 			}
-			if binary.NativeEndian.Uint64(h[8:]) == 0 { // unique 0: a notification
-				c.notes <- notification{int32(binary.NativeEndian.Uint32(h[4:])), body}
+			if out.Unique == 0 { // a notification
+				c.notes <- notification{out.Status, body}
 			}
 		}
 	}()
@@ -73,8 +95,8 @@ func newCacheTree(t *testing.T) *cacheTree {
 		<-done
 		pr.Close()
 	})
-	c.out = make([]byte, c.t.bufSize)
-	c.t.handle(c.r.init(), c.out)
+	c.out = make([]byte, c.conn.BufSize())
+	serveOne(c.conn, c.r.init(), c.out)
 	return c
 }
 
@@ -82,11 +104,11 @@ func newCacheTree(t *testing.T) *cacheTree {
 // nodeid.
 func (c *cacheTree) lookup(t *testing.T, name string) uint64 {
 	t.Helper()
-	c.t.handle(c.r.lookup(name), c.out)
-	if e := int32(binary.NativeEndian.Uint32(c.out[4:])); e != 0 {
-		t.Fatalf("LOOKUP %s: errno %d", name, -e)
+	serveOne(c.conn, c.r.lookup(name), c.out)
+	if e := fusewire.Status(c.out); e != 0 {
+		t.Fatalf("LOOKUP %s: %v", name, e)
 	}
-	return binary.NativeEndian.Uint64(c.out[16:])
+	return fusewire.OutBody[fuse.EntryOut](c.out).NodeId
 }
 
 func (c *cacheTree) next(t *testing.T, what string) notification {
@@ -104,9 +126,8 @@ func (c *cacheTree) next(t *testing.T, what string) notification {
 func (c *cacheTree) wantEntry(t *testing.T, name string) {
 	t.Helper()
 	n := c.next(t, "INVAL_ENTRY "+name)
-	ne := binary.NativeEndian
-	if n.code != notifyInvalEntry || ne.Uint64(n.body[0:]) != 1 || string(n.body[16:16+ne.Uint32(n.body[8:])]) != name {
-		t.Fatalf("notification code %d body %q, want INVAL_ENTRY (%d) of %s in nodeid 1", n.code, n.body, notifyInvalEntry, name)
+	if parent, got, ok := n.entry(); !ok || parent != 1 || got != name {
+		t.Fatalf("notification code %d body %q, want INVAL_ENTRY (%d) of %s in nodeid 1", n.code, n.body, fusewire.NotifyInvalEntry, name)
 	}
 }
 
@@ -114,9 +135,8 @@ func (c *cacheTree) wantEntry(t *testing.T, name string) {
 func (c *cacheTree) wantInode(t *testing.T, nodeid uint64, name string) {
 	t.Helper()
 	n := c.next(t, "INVAL_INODE of "+name)
-	ne := binary.NativeEndian
-	if n.code != notifyInvalInode || ne.Uint64(n.body[0:]) != nodeid || int64(ne.Uint64(n.body[8:])) >= 0 {
-		t.Fatalf("notification code %d body %x, want INVAL_INODE (%d) of nodeid %d (%s) with offset < 0", n.code, n.body, notifyInvalInode, nodeid, name)
+	if in, ok := n.inode(); !ok || in.Ino != nodeid || in.Off >= 0 {
+		t.Fatalf("notification code %d body %x, want INVAL_INODE (%d) of nodeid %d (%s) with offset < 0", n.code, n.body, fusewire.NotifyInvalInode, nodeid, name)
 	}
 }
 
@@ -166,12 +186,13 @@ func TestInvalidationsFollowChanges(t *testing.T) {
 	inodes, names := map[uint64]bool{}, map[string]bool{}
 	for range 4 {
 		n := c.next(t, "INVAL_INODE and INVAL_ENTRY of tun1 and null")
-		ne := binary.NativeEndian
+		in, isInode := n.inode()
+		parent, name, isEntry := n.entry()
 		switch {
-		case n.code == notifyInvalInode && int64(ne.Uint64(n.body[8:])) < 0:
-			inodes[ne.Uint64(n.body[0:])] = true
-		case n.code == notifyInvalEntry && ne.Uint64(n.body[0:]) == 1:
-			names[string(n.body[16:16+ne.Uint32(n.body[8:])])] = true
+		case isInode && in.Off < 0:
+			inodes[in.Ino] = true
+		case isEntry && parent == 1:
+			names[name] = true
 		default:
 			t.Fatalf("notification code %d body %x, want INVAL_INODE (attributes only) or INVAL_ENTRY in the root", n.code, n.body)
 		}

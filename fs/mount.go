@@ -7,13 +7,17 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/cdevfs/cdevfs/devnode"
 	"github.com/cdevfs/cdevfs/internal/fuseuring"
 	"github.com/cdevfs/cdevfs/metrics"
+	"github.com/cdevfs/cdevfs/transport"
+	"github.com/cdevfs/cdevfs/transport/devfuse"
+	"github.com/cdevfs/cdevfs/transport/uring"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
@@ -46,11 +50,23 @@ const maxWrite = 128 * 1024
 // a free unit clones, and an interface made outside must appear at once.
 const cacheTimeout = time.Minute
 
-// Mount is a served cdevfs mount.
+// Mount is a served cdevfs mount: the tree, the connection serving it,
+// and what carries the connection's requests.
+//
+// Close order (Unmount, then Close): the kernel stops sending requests
+// (the unmount), the invalidations stop, the io_uring queues stop and are
+// waited for, /dev/fuse is closed (which aborts what is left of the
+// connection), and the /dev/fuse loop is waited for. The daemon revokes
+// and drains its devices before (devnode.Registry.Shutdown), and destroys
+// them after.
 type Mount struct {
 	dir   string
-	t     *transport
-	inval *invalidator // nil if the tree is not a *Root
+	root  *Root
+	conn  *transport.Conn
+	loop  *devfuse.Loop
+	rings atomic.Pointer[uring.Server] // nil: requests come over /dev/fuse
+	inval *invalidator
+	devno string // the mount's device, major:minor, as mountinfo gives it
 }
 
 // Dir is the mountpoint.
@@ -62,22 +78,15 @@ func (m *Mount) Dir() string { return m.dir }
 // leaves the requests of its CPU unanswered. A daemon shuts down on it,
 // as libfuse's loop ends when its mount is unmounted; its Unmount and
 // Close then abort what is left of the connection.
-func (m *Mount) Done() <-chan struct{} { return m.t.ended }
+func (m *Mount) Done() <-chan struct{} { return m.conn.Ended() }
 
 // Err says why Done is closed: nil if the kernel ended the connection,
 // the failure otherwise (and nil while Done is open).
-func (m *Mount) Err() error {
-	select {
-	case <-m.t.ended:
-		return m.t.endErr
-	default:
-		return nil
-	}
-}
+func (m *Mount) Err() error { return m.conn.Err() }
 
 // New mounts root at dir and starts serving it. It returns once the
 // kernel's INIT has been answered, so the mount is usable at once.
-func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
+func New(dir string, root *Root, o MountOptions) (*Mount, error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
@@ -86,7 +95,7 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 		return nil, err
 	}
 	if o.IOURing != IOURingOff {
-		if err := probeURing(); err != nil {
+		if err := uring.Probe(); err != nil {
 			if o.IOURing == IOURingOn {
 				return nil, fmt.Errorf("mount %s: --io-uring=on: %w", dir, err)
 			}
@@ -109,63 +118,75 @@ func New(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
 // errURingStart marks a mount whose io_uring queues did not start.
 var errURingStart = errors.New("io_uring queues")
 
-func mount(dir string, root fs.InodeEmbedder, o MountOptions) (*Mount, error) {
+func mount(dir string, root *Root, o MountOptions) (*Mount, error) {
 	if err := checkMountpoint(dir, o.Log); err != nil {
 		return nil, err
 	}
-	dev, err := openFuse(dir, o.AllowOther, maxWrite)
+	dev, err := devfuse.Mount(dir, o.AllowOther, maxWrite)
 	if err != nil {
 		return nil, err
 	}
-	t := newServer(dev, root, o)
-	t.dir = dir
-	m := &Mount{dir: dir, t: t}
-	if r, ok := root.(*Root); ok {
-		m.inval = newInvalidator(&r.Inode, o.Log)
-		r.inval.Store(m.inval)
+	m := &Mount{dir: dir, root: root}
+	if ms := mountsAt(dir); len(ms) > 0 {
+		m.devno = ms[len(ms)-1].devno
 	}
-	t.start()
+	m.conn = newConn(dev, root, o)
+	root.metrics = o.Metrics
+	m.inval = newInvalidator(&root.Inode, o.Log)
+	root.inval.Store(m.inval)
+	root.mount.Store(m)
+	m.loop = devfuse.Start(m.conn)
 	select {
-	case <-t.inited:
+	case <-m.conn.Inited():
 	case <-time.After(10 * time.Second):
 		m.Unmount()
 		m.Close()
 		return nil, fmt.Errorf("mount %s: the kernel sent no INIT", dir)
 	}
-	var uerr error
-	switch s := t.uring.Load(); {
-	case t.uringErr == nil && s != nil:
-		o.Log.Info("FUSE over io_uring", "queues", len(s.queues), "entries_per_queue", ringEntries)
-	case errors.Is(t.uringErr, errNoURing) && o.IOURing == IOURingOn:
-		why := t.uringErr.Error()
-		if ok, w := fuseuring.Available(); !ok {
-			why = w
-		}
-		uerr = fmt.Errorf("mount %s: --io-uring=on: %s", dir, why)
-	case t.uringErr != nil && !errors.Is(t.uringErr, errNoURing):
-		uerr = fmt.Errorf("mount %s: %w: %w", dir, errURingStart, t.uringErr)
-	}
-	if uerr != nil {
+	if err := m.startRings(o); err != nil {
 		m.Unmount()
 		m.Close()
-		return nil, uerr
+		return nil, err
 	}
 	return m, nil
 }
 
-// newServer builds the transport serving root's tree on dev: go-fuse's
-// node tree and protocol server behind this package's request loop.
-func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
-	t := newTransport(dev, o.Log, maxWrite)
-	t.metrics = o.Metrics
-	t.wantURing = o.IOURing != IOURingOff
-	if r, ok := root.(*Root); ok {
-		r.notifyPoll = func(kh uint64) { t.PollNotify(kh) }
-		r.fhs = &t.fhs
-		r.metrics = o.Metrics
-		r.tr.Store(t)
+// startRings starts the io_uring queues if INIT asked for them.
+func (m *Mount) startRings(o MountOptions) error {
+	switch {
+	case o.IOURing == IOURingOff:
+		return nil
+	case !m.conn.RingsAsked() && o.IOURing == IOURingOn:
+		why := uring.ErrNotOffered.Error()
+		if ok, w := fuseuring.Available(); !ok {
+			why = w
+		}
+		return fmt.Errorf("mount %s: --io-uring=on: %s", m.dir, why)
+	case !m.conn.RingsAsked():
+		return nil
 	}
-	t.fast = !o.Debug
+	s, err := uring.Start(m.conn, m.dir, maxWrite)
+	m.rings.Store(s)
+	if err != nil {
+		return fmt.Errorf("mount %s: %w: %w", m.dir, errURingStart, err)
+	}
+	o.Log.Info("FUSE over io_uring", "queues", s.Queues(), "entries_per_queue", uring.Entries)
+	return nil
+}
+
+// newConn builds the connection serving root's tree on dev: go-fuse's
+// node tree and protocol server behind the transport.
+func newConn(dev *os.File, root *Root, o MountOptions) *transport.Conn {
+	ps, notifier := newProtocolServer(dev, root, o)
+	return transport.NewConn(dev, ps, root, notifier,
+		transport.Options{Log: o.Log, Metrics: o.Metrics, Debug: o.Debug, MaxWrite: maxWrite})
+}
+
+// newProtocolServer builds go-fuse's node tree of root and its protocol
+// server, and the notifier through which the tree invalidates what the
+// kernel caches.
+func newProtocolServer(dev *os.File, root *Root, o MountOptions) (*fuse.ProtocolServer, *transport.Notifier) {
+	notifier := transport.NewNotifier(dev)
 	zero, cached := time.Duration(0), cacheTimeout
 	mo := fuse.MountOptions{
 		AllowOther:    o.AllowOther,
@@ -179,7 +200,7 @@ func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 		ExtraCapabilities: extraCaps(o.IOURing),
 		Debug:             o.Debug,
 		Logger:            log.New(slogWriter{o.Log}, "", 0),
-		PanicHandler:      panicHandler(o.Log, o.Metrics),
+		PanicHandler:      transport.PanicHandler(o.Log, o.Metrics),
 	}
 	raw := fs.NewNodeFS(root, &fs.Options{
 		// Entries and attributes are cached, and invalidated when they
@@ -188,24 +209,64 @@ func newServer(dev *os.File, root fs.InodeEmbedder, o MountOptions) *transport {
 		AttrTimeout:     &cached,
 		NegativeTimeout: &zero,
 		MountOptions:    mo,
-		ServerCallbacks: t,
+		ServerCallbacks: notifier,
 		Logger:          mo.Logger,
 	})
-	t.ps = fuse.NewProtocolServer(raw, &mo)
-	return t
+	return fuse.NewProtocolServer(raw, &mo), notifier
+}
+
+// revoked tells the transport that n's device was revoked: READs its
+// queues hold waiting for n's packets must end (uring.Server.Revoked).
+func (m *Mount) revoked(n *devnode.Node) {
+	if s := m.rings.Load(); s != nil {
+		s.Revoked(n.Ino())
+	}
 }
 
 // Unmount detaches the mount: a plain unmount, or a lazy one if files on
 // it are still open (their owners then see ENOTCONN once Close runs).
+// An unmount acts on the topmost mount at the mountpoint, so only while
+// that is this one: a mount made over it is reported, and one already
+// gone (unmounted by someone else) is not looked for further.
 func (m *Mount) Unmount() error {
+	ms := mountsAt(m.dir)
+	top := len(ms) > 0 && ms[len(ms)-1].devno == m.devno
+	if !top {
+		if m.Err() != nil {
+			m.inval.abandon() // a stranded request may hold the root's lock
+		}
+		defer m.inval.stop()
+		for _, e := range ms {
+			if e.devno == m.devno {
+				return fmt.Errorf("unmount %s: a %s mount covers it; unmount that first", m.dir, ms[len(ms)-1].fstype)
+			}
+		}
+		return nil // gone already
+	}
 	if m.Err() != nil {
 		// An io_uring queue failed: the kernel still puts its CPU's
 		// requests on it, and nothing answers them. A LOOKUP among them
 		// holds its directory's lock, so the invalidator's notification
-		// for that directory (stopInval waits for it) would never end,
-		// and neither would the unmount. MNT_FORCE aborts the connection
-		// first (fuse_umount_begin), which ends every request.
-		_ = unix.Unmount(m.dir, unix.MNT_FORCE)
+		// for that directory would never end, and neither would the
+		// unmount. MNT_FORCE aborts the connection first
+		// (fuse_umount_begin), which ends every request, and then
+		// unmounts unless files are open.
+		switch err := unix.Unmount(m.dir, unix.MNT_FORCE); {
+		case err == nil:
+			// Gone: another unmount would act on what is under it.
+			m.inval.stop()
+			return nil
+		case errors.Is(err, unix.EBUSY):
+			// Aborted, but files are open: detached below.
+		default:
+			// EPERM: MNT_FORCE needs CAP_SYS_ADMIN in the initial
+			// user namespace. The connection ends when the daemon
+			// closes /dev/fuse (Close), unless a notification
+			// waits for a stranded request: then at its exit.
+			m.conn.Log().Warn("cannot abort the FUSE connection of a failed io_uring queue; requests stranded on it end when the daemon exits",
+				"mountpoint", m.dir, "err", err)
+			m.inval.abandon()
+		}
 	}
 	err := unix.Unmount(m.dir, 0)
 	if errors.Is(err, unix.EBUSY) {
@@ -221,24 +282,28 @@ func (m *Mount) Unmount() error {
 	// notification in flight, which waits for the LOOKUPs in the
 	// directory: they are answered at once by now (the registry no
 	// longer clones).
-	m.stopInval()
+	m.inval.stop()
 	return nil
 }
 
 // Close closes /dev/fuse, which aborts the connection, and waits for the
-// request loop to stop. Call it after Unmount, last.
+// transports to stop. Call it after Unmount, last.
 //
 // The io_uring queues stop first: each ring holds /dev/fuse as a fixed
 // file, so closing the fd ends the connection only once the rings are
 // closed too. After a plain unmount they have stopped already (the
 // kernel gave their entries back).
 func (m *Mount) Close() {
-	m.stopInval() // before the fd goes: the invalidator writes to it
-	if s := m.t.uring.Load(); s != nil {
-		s.stop()
+	m.inval.stop() // before the fd goes: the invalidator writes to it
+	s := m.rings.Load()
+	if s != nil {
+		s.Stop()
 	}
-	m.t.dev.Close()
-	m.t.wait()
+	m.conn.Dev().Close()
+	if s != nil {
+		s.Wait()
+	}
+	m.loop.Wait()
 }
 
 func extraCaps(u IOURing) uint64 {
@@ -246,12 +311,6 @@ func extraCaps(u IOURing) uint64 {
 		return 0
 	}
 	return fuse.CAP_OVER_IO_URING
-}
-
-func (m *Mount) stopInval() {
-	if m.inval != nil {
-		m.inval.stop()
-	}
 }
 
 // checkMountpoint refuses a missing directory or one that is already a
@@ -298,26 +357,41 @@ func statSync(dir string) (isDir bool, err error) {
 }
 
 // mountAt returns the filesystem type of the topmost mount at dir in this
-// mount namespace, from /proc/self/mountinfo (field 5 is the mount point,
-// the type follows the " - " separator).
+// mount namespace.
 func mountAt(dir string) (fstype string, ok bool) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
+	ms := mountsAt(dir)
+	if len(ms) == 0 {
 		return "", false
 	}
+	return ms[len(ms)-1].fstype, true
+}
+
+// mountEntry is a line of /proc/self/mountinfo: the mount's device
+// (field 3, major:minor) and filesystem type (after the " - " separator).
+type mountEntry struct{ devno, fstype string }
+
+// mountsAt lists the mounts at dir (field 5 is the mount point), bottom
+// first: mountinfo lists a mount after the one it covers.
+func mountsAt(dir string) []mountEntry {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	var ms []mountEntry
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
 		if len(f) <= 4 || unescapeMount(f[4]) != dir {
 			continue
 		}
-		ok = true
+		e := mountEntry{devno: f[2]}
 		for i, x := range f {
 			if x == "-" && i+1 < len(f) {
-				fstype = f[i+1]
+				e.fstype = f[i+1]
 			}
 		}
+		ms = append(ms, e)
 	}
-	return fstype, ok
+	return ms
 }
 
 func unescapeMount(s string) string {
@@ -331,16 +405,4 @@ type slogWriter struct{ l *slog.Logger }
 func (w slogWriter) Write(p []byte) (int, error) {
 	w.l.Debug(strings.TrimRight(string(p), "\n"), "component", "go-fuse")
 	return len(p), nil
-}
-
-// panicHandler answers a request whose handler panicked: EIO, a line at
-// ERROR with the stack, and the panic counted. A panic is a bug, never a
-// client's doing (docs/design.md, "Errors"); go-fuse's own handler would log
-// it where only --debug shows it.
-func panicHandler(log *slog.Logger, m *metrics.Metrics) func(any) fuse.Status {
-	return func(r any) fuse.Status {
-		m.Panicked()
-		log.Error("panic in a FUSE request handler", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
-		return fuse.EIO
-	}
 }

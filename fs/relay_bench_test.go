@@ -13,17 +13,20 @@ package fs
 
 import (
 	"context"
-	"encoding/binary"
 	"io"
 	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
 	"testing"
+	"unsafe"
 
 	"github.com/cdevfs/cdevfs/cloner"
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/fusewire"
 	"github.com/cdevfs/cdevfs/internal/icmptest"
+	"github.com/cdevfs/cdevfs/transport"
+	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
 // loopDev is a device whose reads return a fixed packet at once and whose
@@ -40,86 +43,99 @@ func (d *loopDev) Read(ctx context.Context, p []byte, nonblock bool) (int, error
 }
 func (d *loopDev) Write(ctx context.Context, p []byte) (int, error) { return len(p), nil }
 
-// reqs builds FUSE requests (layouts from <linux/fuse.h>) from uid 0.
+// reqs builds FUSE requests from uid 0.
 type reqs struct{ unique uint64 }
 
+// header fills the header of request b, of its whole length.
 func (r *reqs) header(b []byte, op uint32, nodeid uint64) []byte {
 	r.unique++
-	ne := binary.NativeEndian
-	ne.PutUint32(b[0:], uint32(len(b)))
-	ne.PutUint32(b[4:], op)
-	ne.PutUint64(b[8:], r.unique)
-	ne.PutUint64(b[16:], nodeid)
-	ne.PutUint32(b[32:], uint32(os.Getpid()))
+	*fusewire.Header(b) = fuse.InHeader{Length: uint32(len(b)), Opcode: op, Unique: r.unique, NodeId: nodeid,
+		Caller: fuse.Caller{Pid: uint32(os.Getpid())}}
 	return b
 }
 
 func (r *reqs) init() []byte {
-	b := r.header(make([]byte, inHeaderLen+64), opInit, 0)
-	binary.NativeEndian.PutUint32(b[40:], 7)  // major
-	binary.NativeEndian.PutUint32(b[44:], 38) // minor
-	return b
+	b := make([]byte, unsafe.Sizeof(fuse.InitIn{}))
+	*fusewire.View[fuse.InitIn](b) = fuse.InitIn{Major: 7, Minor: 38}
+	return r.header(b, fusewire.OpInit, 0)
 }
 
 func (r *reqs) lookup(name string) []byte {
-	b := make([]byte, inHeaderLen+len(name)+1)
-	copy(b[inHeaderLen:], name)
-	return r.header(b, 1, 1)
+	b := make([]byte, fusewire.InHeaderSize+len(name)+1)
+	copy(b[fusewire.InHeaderSize:], name)
+	return r.header(b, fusewire.OpLookup, 1)
 }
 
 func (r *reqs) open(nodeid uint64) []byte {
-	b := r.header(make([]byte, inHeaderLen+8), opOpen, nodeid)
-	binary.NativeEndian.PutUint32(b[40:], uint32(os.O_RDWR))
-	return b
+	b := make([]byte, unsafe.Sizeof(fuse.OpenIn{}))
+	*fusewire.View[fuse.OpenIn](b) = fuse.OpenIn{Flags: uint32(os.O_RDWR)}
+	return r.header(b, fusewire.OpOpen, nodeid)
 }
 
 func (r *reqs) release(nodeid, fh uint64) []byte {
-	b := r.header(make([]byte, inHeaderLen+24), opRelease, nodeid)
-	binary.NativeEndian.PutUint64(b[40:], fh)
-	return b
+	b := make([]byte, unsafe.Sizeof(fuse.ReleaseIn{}))
+	*fusewire.View[fuse.ReleaseIn](b) = fuse.ReleaseIn{Fh: fh}
+	return r.header(b, fusewire.OpRelease, nodeid)
 }
 
 func (r *reqs) write(b []byte, nodeid, fh uint64, pkt []byte) []byte {
-	b = r.header(b[:writeInLen+len(pkt)], opWrite, nodeid)
-	binary.NativeEndian.PutUint64(b[40:], fh)
-	binary.NativeEndian.PutUint32(b[56:], uint32(len(pkt)))
-	copy(b[writeInLen:], pkt)
-	return b
+	size := int(unsafe.Sizeof(fuse.WriteIn{}))
+	b = b[:size+len(pkt)]
+	*fusewire.View[fuse.WriteIn](b) = fuse.WriteIn{Fh: fh, Size: uint32(len(pkt))}
+	copy(b[size:], pkt)
+	return r.header(b, fusewire.OpWrite, nodeid)
 }
 
 func (r *reqs) read(b []byte, nodeid, fh uint64, size int) []byte {
-	b = r.header(b[:readInLen], opRead, nodeid)
-	binary.NativeEndian.PutUint64(b[40:], fh)
-	binary.NativeEndian.PutUint32(b[56:], uint32(size))
-	binary.NativeEndian.PutUint32(b[72:], uint32(os.O_RDWR))
-	return b
+	b = b[:unsafe.Sizeof(fuse.ReadIn{})]
+	*fusewire.View[fuse.ReadIn](b) = fuse.ReadIn{Fh: fh, Size: uint32(size), Flags: uint32(os.O_RDWR)}
+	return r.header(b, fusewire.OpRead, nodeid)
+}
+
+// serveOne serves request in on c and writes its reply to c's /dev/fuse, as
+// transport/devfuse's loop does.
+func serveOne(c *transport.Conn, in, out []byte) {
+	n, _ := c.Serve(in, out, true)
+	if n > 0 {
+		c.Dev().Write(out[:n])
+	}
+	if fusewire.Opcode(in) == fusewire.OpInit {
+		c.InitAnswered(out[:n])
+	}
+}
+
+// serveConn serves root's tree on dev in-process, with the fast path or
+// with go-fuse alone (but without --debug's logging).
+func serveConn(dev *os.File, root *Root, fast bool) *transport.Conn {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ps, notifier := newProtocolServer(dev, root, MountOptions{Log: quiet})
+	return transport.NewConn(dev, ps, root, notifier, transport.Options{Log: quiet, Debug: !fast, MaxWrite: maxWrite})
 }
 
 // serveTree starts request handling for root on /dev/null (replies are
-// discarded) and opens name: it returns the transport, its buffers, and
+// discarded) and opens name: it returns the connection, its buffers, and
 // the nodeid and fh of the open file.
-func serveTree(b *testing.B, root *Root, name string, fast bool) (t *transport, in, out []byte, nodeid, fh uint64, r *reqs) {
+func serveTree(b *testing.B, root *Root, name string, fast bool) (c *transport.Conn, in, out []byte, nodeid, fh uint64, r *reqs) {
 	devnull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { devnull.Close() })
-	t = newServer(devnull, root, MountOptions{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	t.fast = fast
-	in, out = make([]byte, t.bufSize), make([]byte, t.bufSize)
+	c = serveConn(devnull, root, fast)
+	in, out = make([]byte, c.BufSize()), make([]byte, c.BufSize())
 	r = &reqs{}
-	t.handle(r.init(), out)
-	t.handle(r.lookup(name), out)
-	if e := int32(binary.NativeEndian.Uint32(out[4:])); e != 0 {
-		b.Fatalf("LOOKUP %s: errno %d", name, -e)
+	serveOne(c, r.init(), out)
+	serveOne(c, r.lookup(name), out)
+	if e := fusewire.Status(out); e != 0 {
+		b.Fatalf("LOOKUP %s: %v", name, e)
 	}
-	nodeid = binary.NativeEndian.Uint64(out[16:])
-	t.handle(r.open(nodeid), out)
-	if e := int32(binary.NativeEndian.Uint32(out[4:])); e != 0 {
-		b.Fatalf("OPEN %s: errno %d", name, -e)
+	nodeid = fusewire.OutBody[fuse.EntryOut](out).NodeId
+	serveOne(c, r.open(nodeid), out)
+	if e := fusewire.Status(out); e != 0 {
+		b.Fatalf("OPEN %s: %v", name, e)
 	}
-	fh = binary.NativeEndian.Uint64(out[16:])
-	return t, in, out, nodeid, fh, r
+	fh = fusewire.OutBody[fuse.OpenOut](out).Fh
+	return c, in, out, nodeid, fh, r
 }
 
 func benchLoop(b *testing.B, fast bool) {
@@ -131,19 +147,19 @@ func benchLoop(b *testing.B, fast bool) {
 	}
 	n.Rel()
 	root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(b), slog.New(slog.NewTextHandler(io.Discard, nil)))
-	t, in, out, nodeid, fh, r := serveTree(b, root, "tun0", fast)
-	if fast && t.fhs.get(fh) == nil {
+	c, in, out, nodeid, fh, r := serveTree(b, root, "tun0", fast)
+	if root.File(fh) == nil {
 		b.Fatal("the open handle is not registered for the fast path")
 	}
 	pkt := make([]byte, 64)
 	b.ReportAllocs()
 	b.ResetTimer()
 	for range b.N {
-		t.handle(r.write(in, nodeid, fh, pkt), out)
-		t.handle(r.read(in, nodeid, fh, 65536), out)
+		serveOne(c, r.write(in, nodeid, fh, pkt), out)
+		serveOne(c, r.read(in, nodeid, fh, 65536), out)
 	}
 	b.StopTimer()
-	if got := binary.NativeEndian.Uint32(out[0:]); got != 16+64 {
+	if got := fusewire.Out(out).Length; got != 16+64 {
 		b.Fatalf("READ reply is %d bytes, want %d", got, 16+64)
 	}
 }
@@ -184,8 +200,8 @@ func BenchmarkRelayTun(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			reg, root := linuxTunTree(b)
 			defer reg.Shutdown(context.Background(), nil)
-			t, in, out, nodeid, fh, r := serveTree(b, root, "tun7", fast)
-			defer t.handle(r.release(nodeid, fh), out)
+			c, in, out, nodeid, fh, r := serveTree(b, root, "tun7", fast)
+			defer serveOne(c, r.release(nodeid, fh), out)
 			for _, args := range [][]string{{"addr", "add", "198.18.7.1/24", "dev", "tun7"}, {"link", "set", "tun7", "up"}} {
 				if o, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 					b.Fatalf("ip %v: %v %s", args, err, o)
@@ -194,23 +210,23 @@ func BenchmarkRelayTun(b *testing.B) {
 			pkt := icmptest.EchoRequest(netip.MustParseAddr("198.18.7.2"), netip.MustParseAddr("198.18.7.1"), 1, 1, 36)
 			// The first packets after link up can be dropped: prime.
 			for range 100 {
-				t.handle(r.write(in, nodeid, fh, pkt), out)
+				serveOne(c, r.write(in, nodeid, fh, pkt), out)
 			}
 			for {
-				t.handle(r.read(in, nodeid, fh, 65536), out)
-				if binary.NativeEndian.Uint32(out[0:]) == 16+64 {
+				serveOne(c, r.read(in, nodeid, fh, 65536), out)
+				if fusewire.Out(out).Length == 16+64 {
 					break
 				}
 			}
 			b.ReportAllocs()
 			b.ResetTimer()
 			for range b.N {
-				t.handle(r.write(in, nodeid, fh, pkt), out)
+				serveOne(c, r.write(in, nodeid, fh, pkt), out)
 				for {
 					// Skip anything but the reply (it is queued before
 					// the write returns: the kernel answers in the write).
-					t.handle(r.read(in, nodeid, fh, 65536), out)
-					if binary.NativeEndian.Uint32(out[0:]) == 16+64 && out[16+20] == 0 {
+					serveOne(c, r.read(in, nodeid, fh, 65536), out)
+					if fusewire.Out(out).Length == 16+64 && out[16+20] == 0 {
 						break
 					}
 				}

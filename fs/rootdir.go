@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/transport"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
@@ -108,7 +109,7 @@ func (x *inoIndex) current() *inoSnapshot {
 // OpendirHandle implements fs.NodeOpendirHandler: the root's listing, with
 // READDIRPLUS lookups that never clone, and no handle kept.
 func (r *Root) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	return newRootDir(r), fopenHandleless, 0
+	return newRootDir(r), transport.FopenHandleless, 0
 }
 
 // positioned is a directory listed by position: next returns its first

@@ -20,6 +20,7 @@ import (
 	"github.com/cdevfs/cdevfs/internal/privilege"
 	"github.com/cdevfs/cdevfs/metrics"
 	"github.com/cdevfs/cdevfs/rules"
+	"github.com/cdevfs/cdevfs/transport"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
@@ -40,10 +41,8 @@ type Root struct {
 	// entry when it is made and to all of them by SetRules.
 	rules atomic.Pointer[rules.Ruleset]
 
-	// notifyPoll sends FUSE_NOTIFY_POLL; set by New before serving.
-	notifyPoll func(kh uint64)
-	// fhs is the transport's fast-path table; set by New before serving.
-	fhs *fhTable
+	// files are the open device handles by go-fuse's fh (Files).
+	files fhTable
 	// metrics counts opens, packets and errors; set by New (nil: none).
 	metrics *metrics.Metrics
 	// users are the entries callers made in the root (userentry.go), and
@@ -53,10 +52,11 @@ type Root struct {
 	userInos atomic.Uint64
 	// refusals logs refused actions at a bounded rate per caller (refuse.go).
 	refusals *refusalLog
-	// tr is the transport serving the tree (set by New before serving, and
+	// mount is the mount serving the tree (set by New before serving, and
 	// again by a remount): the registry's revoke hook tells it, from any
-	// goroutine, so that READs it parks outside the device end (uring.go).
-	tr atomic.Pointer[transport]
+	// goroutine, so that READs its transport waits for outside the device
+	// end.
+	mount atomic.Pointer[Mount]
 	// inval pushes cache invalidations to the kernel; set by New once
 	// mounted (nil before: nothing is cached yet). The registry's unlink
 	// hook reads it from any goroutine.
@@ -67,6 +67,7 @@ type Root struct {
 }
 
 var (
+	_ = (transport.Files)((*Root)(nil))
 	_ = (fs.NodeLookuper)((*Root)(nil))
 	_ = (fs.NodeGetattrer)((*Root)(nil))
 	_ = (fs.NodeOnAdder)((*Root)(nil))
@@ -108,11 +109,19 @@ func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool
 	// A READ parked on a ring waits outside the device: a revoke must end
 	// it, or the destroy's drain waits for ever.
 	reg.SetRevokeHook(func(n *devnode.Node) {
-		if t := r.tr.Load(); t != nil {
-			t.uring.Load().revoked(n)
+		if m := r.mount.Load(); m != nil {
+			m.revoked(n)
 		}
 	})
 	return r
+}
+
+// File implements transport.Files.
+func (r *Root) File(fh uint64) transport.File {
+	if h := r.files.get(fh); h != nil {
+		return h
+	}
+	return nil // not a nil *handle in a non-nil interface
 }
 
 // AddDevice adds one of the kernel's devices to the tree, beside the

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -18,6 +19,8 @@ import (
 	"github.com/cdevfs/cdevfs/cloner"
 	"github.com/cdevfs/cdevfs/devnode"
 	"github.com/cdevfs/cdevfs/internal/testenv"
+	"github.com/cdevfs/cdevfs/metrics"
+	"github.com/cdevfs/cdevfs/transport/uring"
 	"golang.org/x/sys/unix"
 )
 
@@ -38,8 +41,25 @@ func fakeMount(t *testing.T, mode IOURing) (string, *cloner.Fake, *Mount, error)
 	fake := cloner.NewFake()
 	cloner.New(cloner.Tun, fake, reg, 0, quiet)
 	root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, ownPolicy(t), quiet)
-	dir, m, err := mountTree(t, reg, root, MountOptions{Log: quiet, IOURing: mode})
+	mx := metrics.New(func() (int, int, int) { return 0, 0, 0 })
+	dir, m, err := mountTree(t, reg, root, MountOptions{Log: quiet, IOURing: mode, Metrics: mx})
 	return dir, fake, m, err
+}
+
+// metricValue is the value of the sample name (with its labels, as the
+// exposition format writes them) that m's metrics serve, 0 if none.
+func metricValue(t *testing.T, m *Mount, name string) float64 {
+	t.Helper()
+	for _, line := range strings.Split(scrapeMetrics(t, m.root.metrics), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("metric %s: %v", name, err)
+			}
+			return f
+		}
+	}
+	return 0
 }
 
 func openFDs(t *testing.T) int {
@@ -64,10 +84,11 @@ func TestURingCarriesRequests(t *testing.T) {
 		if err != nil {
 			t.Fatalf("mount with io_uring on: %v", err)
 		}
-		if m.t.uring.Load() == nil {
+		if m.rings.Load() == nil {
 			t.Fatal("mounted without io_uring queues")
 		}
-		before := m.t.ringServed()
+		const served = "cdevfs_fuse_ring_requests_total"
+		before := metricValue(t, m, served)
 		names, err := os.ReadDir(dir)
 		if err != nil {
 			t.Fatalf("list the mount: %v", err)
@@ -75,16 +96,16 @@ func TestURingCarriesRequests(t *testing.T) {
 		if !slices.ContainsFunc(names, func(e os.DirEntry) bool { return e.Name() == "tun" }) {
 			t.Errorf("listing: %v, want tun in it", names)
 		}
-		if after := m.t.ringServed(); after <= before {
-			t.Fatalf("a listing was not answered through the ring (%d requests before, %d after)", before, after)
+		if after := metricValue(t, m, served); after <= before {
+			t.Fatalf("a listing was not answered through the ring (%v requests before, %v after)", before, after)
 		}
 
 		// More blocked readers than entries, spread over the queues, in
 		// a burst: every read must reach the daemon, none left in the
 		// kernel's queue list behind entries that blocked reads hold
 		// (docs/transport.md, "Stranded requests and kicks").
-		nq := len(m.t.uring.Load().queues)
-		for _, n := range []int{2*ringEntries*nq + 3, 8*ringEntries*nq + 3} {
+		nq := m.rings.Load().Queues()
+		for _, n := range []int{2*uring.Entries*nq + 3, 8*uring.Entries*nq + 3} {
 			t.Run(fmt.Sprintf("%d blocked reads", n), func(t *testing.T) {
 				blockedReadsReachDaemon(t, n)
 			})
@@ -108,11 +129,12 @@ func blockedReadsReachDaemon(t *testing.T, n int) {
 	b := openBurst(t, dir, n)
 	b.start()
 	deadline := time.Now().Add(5 * time.Second)
-	for h, _, _ := ringState(m); h < n && time.Now().Before(deadline); h, _, _ = ringState(m) {
+	for m.rings.Load().Held() < n && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if h, kicks, _ := ringState(m); h < n {
-		t.Errorf("the daemon holds %d of %d blocked reads 5 s after they were made (kicks answered per queue %v): %d stranded in the kernel's queue list, want none", h, n, kicks, n-h)
+	if h := m.rings.Load().Held(); h < n {
+		kicks, _ := ringKicks(t, m)
+		t.Errorf("the daemon holds %d of %d blocked reads 5 s after they were made (%d kicks answered): %d stranded in the kernel's queue list, want none", h, n, kicks, n-h)
 	}
 	// The kicks' round ends once nothing is left in the list.
 	kicksSettle(t, m)
@@ -133,47 +155,44 @@ func TestURingKickThatMissesEndsRound(t *testing.T) {
 	if err != nil {
 		t.Fatalf("mount with io_uring on: %v", err)
 	}
-	n := 2*ringEntries*len(m.t.uring.Load().queues) + 3
+	n := 2*uring.Entries*m.rings.Load().Queues() + 3
 	b := openBurst(t, dir, n)
 	if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
 	}
 	b.start()
 	deadline := time.Now().Add(5 * time.Second)
-	for _, _, missed := ringState(m); missed == 0 && time.Now().Before(deadline); _, _, missed = ringState(m) {
+	for _, missed := ringKicks(t, m); missed == 0 && time.Now().Before(deadline); _, missed = ringKicks(t, m) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if _, kicks, missed := ringState(m); missed == 0 || slices.ContainsFunc(kicks, func(k int32) bool { return k != 0 }) {
-		t.Errorf("kicks answered per queue %v, missed %d after a lazy unmount; want none answered, some missed", kicks, missed)
+	if kicks, missed := ringKicks(t, m); missed == 0 || kicks != 0 {
+		t.Errorf("kicks answered %d, missed %d after a lazy unmount; want none answered, some missed", kicks, missed)
 	}
 	kicksSettle(t, m)
 	b.answer(t, fake)
 }
 
-// ringState sums what the mount's queues hold (READs handed off or
-// parked), and gives the kicks they answered and the kicks that missed.
-func ringState(m *Mount) (held int, kicks []int32, missed int) {
-	for _, uq := range m.t.uring.Load().queues {
-		held += int(uq.holding.Load())
-		kicks = append(kicks, uq.kicks.Load())
-		missed += int(uq.kicksMissed.Load())
-	}
-	return held, kicks, missed
+// ringKicks gives the kicks the mount's queues answered and the kicks
+// that missed, as the metrics count them.
+func ringKicks(t *testing.T, m *Mount) (answered, missed int) {
+	t.Helper()
+	return int(metricValue(t, m, `cdevfs_fuse_ring_kicks_total{result="answered"}`)),
+		int(metricValue(t, m, `cdevfs_fuse_ring_kicks_total{result="missed"}`))
 }
 
 // kicksSettle fails the test unless the queues stop sending kicks within
 // 2 s: a round of kicks ends.
 func kicksSettle(t *testing.T, m *Mount) {
 	t.Helper()
-	_, last, lastMissed := ringState(m)
+	last, lastMissed := ringKicks(t, m)
 	for settled := time.Now().Add(2 * time.Second); ; {
 		time.Sleep(100 * time.Millisecond)
-		_, kicks, missed := ringState(m)
-		if slices.Equal(kicks, last) && missed == lastMissed {
+		kicks, missed := ringKicks(t, m)
+		if kicks == last && missed == lastMissed {
 			return
 		}
 		if time.Now().After(settled) {
-			t.Errorf("kicks answered per queue went from %v to %v (missed from %d to %d) in the last 100 ms, 2 s after the burst: a round of kicks that does not end", last, kicks, lastMissed, missed)
+			t.Errorf("kicks answered went from %d to %d (missed from %d to %d) in the last 100 ms, 2 s after the burst: a round of kicks that does not end", last, kicks, lastMissed, missed)
 			return
 		}
 		last, lastMissed = kicks, missed
@@ -257,7 +276,7 @@ func TestURingModes(t *testing.T) {
 		t.Errorf("the default mode is %v, want off", (MountOptions{}).IOURing)
 	}
 	setURing(t, "N")
-	if _, _, m, err := fakeMount(t, IOURingAuto); err != nil || m.t.uring.Load() != nil {
+	if _, _, m, err := fakeMount(t, IOURingAuto); err != nil || m.rings.Load() != nil {
 		t.Errorf("auto with enable_uring=N: %v; want a mount over /dev/fuse", err)
 	}
 	_, _, _, err := fakeMount(t, IOURingOn)
@@ -265,10 +284,10 @@ func TestURingModes(t *testing.T) {
 		t.Errorf("on with enable_uring=N: %v; want an error naming enable_uring", err)
 	}
 	setURing(t, "Y")
-	if _, _, m, err := fakeMount(t, IOURingOff); err != nil || m.t.uring.Load() != nil {
+	if _, _, m, err := fakeMount(t, IOURingOff); err != nil || m.rings.Load() != nil {
 		t.Errorf("off with enable_uring=Y: %v; want a mount over /dev/fuse", err)
 	}
-	if _, _, m, err := fakeMount(t, IOURingAuto); err != nil || m.t.uring.Load() == nil {
+	if _, _, m, err := fakeMount(t, IOURingAuto); err != nil || m.rings.Load() == nil {
 		t.Errorf("auto with enable_uring=Y: %v; want a mount over io_uring", err)
 	}
 }
@@ -365,7 +384,7 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dev := breakQueue0(t, m)
+		dev := breakRings(t, m)
 		// What the daemon does next (its shutdown's unmount and Close), then
 		// a request from queue 0's CPU on the file still open: it must
 		// fail, not wait for a queue that is gone.
@@ -392,7 +411,7 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dev := breakQueue0(t, m)
+		dev := breakRings(t, m)
 		// Until the kernel has cancelled the failed ring's entries, a
 		// request may still be given one, and ends with ECANCELED when
 		// it cannot be sent: the LOOKUP is made again until it waits.
@@ -421,7 +440,15 @@ func TestMountDoneWhenServingEnds(t *testing.T) {
 			lookup = l
 		}
 		m.inval.entry("tun1")
-		time.Sleep(100 * time.Millisecond) // the invalidation now waits in the kernel for the root's lock
+		var fuseFD int
+		rc, err := m.conn.Dev().SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc.Control(func(fd uintptr) { fuseFD = int(fd) })
+		if !writingTo(fuseFD) {
+			t.Fatal("the invalidation of tun1 is not waiting in write(2) on /dev/fuse 5 s after it was queued; want it waiting for the root's lock")
+		}
 		unmountAndClose(t, m, dev, "a ring failure, with a LOOKUP on the failed queue and an invalidation waiting for it")
 		select {
 		case err := <-lookup:
@@ -452,39 +479,92 @@ func unmountAndClose(t *testing.T, m *Mount, dev uint64, after string) {
 	case <-closed:
 	case <-time.After(10 * time.Second):
 		abortFuse(t, dev)
-		<-closed
-		t.Fatalf("Unmount and Close not done 10 s after %s", after)
+		select {
+		case <-closed:
+			t.Fatalf("Unmount and Close not done 10 s after %s (done once the connection was aborted)", after)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("Unmount and Close not done 10 s after %s, nor 10 s after the connection was aborted", after)
+		}
 	}
 }
 
-// breakQueue0 makes queue 0's ring fail at its next io_uring_enter, and
-// checks that the mount says so. It returns the mount's device (taken
-// before: a stat from CPU 0 could wait on the failed queue).
-func breakQueue0(t *testing.T, m *Mount) (dev uint64) {
+// breakRings breaks the rings of the mount's io_uring queues as a ring
+// can break, with no help from the daemon: each ring's fd is replaced by
+// /dev/null (dup2), so that the next io_uring_enter of its queue fails
+// (EOPNOTSUPP), and the ring itself goes once the enter waiting in it
+// returns. A request from CPU 0 wakes queue 0 to that enter, and the
+// test checks that the mount says so. It returns the mount's device
+// (taken before: a stat from CPU 0 could wait on the failed queue).
+func breakRings(t *testing.T, m *Mount) (dev uint64) {
 	t.Helper()
 	var st unix.Stat_t
 	if err := unix.Stat(m.dir, &st); err != nil {
 		t.Fatal(err)
 	}
-	broken := errors.New("ring broken by the test")
-	fault := func(qid int) error {
-		if qid == 0 {
-			return broken
-		}
-		return nil
+	null, err := unix.Open(os.DevNull, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
 	}
-	ringFault.Store(&fault)
-	t.Cleanup(func() { ringFault.Store(nil) })
-	m.t.uring.Load().queues[0].wake() // to its next io_uring_enter
+	defer unix.Close(null)
+	rings := ringFDs(t)
+	if len(rings) != m.rings.Load().Queues() {
+		t.Fatalf("%d io_uring fds serve /dev/fuse, want one per queue (%d)", len(rings), m.rings.Load().Queues())
+	}
+	for _, fd := range rings {
+		if err := unix.Dup3(null, fd, unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+	}
+	onCPU0(func() error { return unix.Statfs(m.dir, new(unix.Statfs_t)) }) // ends when the connection does
 	select {
 	case <-m.Done():
 	case <-time.After(5 * time.Second):
-		t.Fatal("Done still open 5 s after queue 0's ring failed; want it closed")
+		t.Fatal("Done still open 5 s after queue 0's ring broke; want it closed")
 	}
-	if err := m.Err(); !errors.Is(err, broken) {
-		t.Errorf("Err after a ring failure = %v, want it to wrap %v", err, broken)
+	if err := m.Err(); !errors.Is(err, unix.EOPNOTSUPP) {
+		t.Errorf("Err after a ring failure = %v, want it to wrap EOPNOTSUPP (io_uring_enter of a file that is no ring)", err)
 	}
 	return st.Dev
+}
+
+// ringFDs are this process's io_uring fds that hold /dev/fuse as a
+// registered file (fdinfo's UserFiles): the queues' rings.
+func ringFDs(t *testing.T) []int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fds []int
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l != "anon_inode:[io_uring]" {
+			continue
+		}
+		info, _ := os.ReadFile("/proc/self/fdinfo/" + e.Name())
+		if strings.Contains(string(info), "/dev/fuse") {
+			fds = append(fds, fd)
+		}
+	}
+	return fds
+}
+
+// writingTo waits up to 5 s for a thread of this process to be in
+// write(2) on fd, and reports whether one is.
+func writingTo(fd int) bool {
+	want := fmt.Sprintf("%d 0x%x ", unix.SYS_WRITE, fd)
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		tasks, _ := os.ReadDir("/proc/self/task")
+		for _, task := range tasks {
+			if b, _ := os.ReadFile("/proc/self/task/" + task.Name() + "/syscall"); strings.HasPrefix(string(b), want) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // onCPU0 runs f on a thread of its own pinned to CPU 0, so that the

@@ -10,6 +10,7 @@ import (
 
 	"github.com/cdevfs/cdevfs/devnode"
 	"github.com/cdevfs/cdevfs/internal/privilege"
+	"github.com/cdevfs/cdevfs/transport"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
@@ -250,7 +251,7 @@ func (d *userDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 // listing (rootdir.go), so the transport keeps no handle
 // (handlelessDir).
 func (d *userDir) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	return &dirReader{list: d}, fopenHandleless, 0
+	return &dirReader{list: d}, transport.FopenHandleless, 0
 }
 
 // next implements positioned.

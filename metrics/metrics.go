@@ -41,14 +41,16 @@ type Metrics struct {
 	bytesRead, bytesWritten          prometheus.Counter
 	ringRequests                     prometheus.Counter
 	ringParked                       prometheus.Counter
+	ringHeld                         prometheus.Gauge
 	watchResyncs                     prometheus.Counter
 	panics                           prometheus.Counter
 
-	refusals *prometheus.CounterVec
-	errors   *prometheus.CounterVec
-	errorBy  [maxErrno]atomic.Pointer[prometheus.Counter]
-	requests *prometheus.HistogramVec
-	reqBy    [fusewire.MaxOpcode + 1]atomic.Pointer[prometheus.Observer]
+	refusals  *prometheus.CounterVec
+	ringKicks *prometheus.CounterVec
+	errors    *prometheus.CounterVec
+	errorBy   [maxErrno]atomic.Pointer[prometheus.Counter]
+	requests  *prometheus.HistogramVec
+	reqBy     [fusewire.MaxOpcode + 1]atomic.Pointer[prometheus.Observer]
 }
 
 // maxErrno bounds the errno numbers cached; Linux's are below 134.
@@ -72,6 +74,12 @@ func New(states States) *Metrics {
 	m.bytesWritten = counter("written_bytes_total", "Bytes of packets written to devices by clients.")
 	m.ringRequests = counter("fuse_ring_requests_total", "FUSE requests answered through io_uring queues (--io-uring) rather than /dev/fuse.")
 	m.ringParked = counter("fuse_ring_parked_reads_total", "Blocking READs that waited for their packet parked in an io_uring queue (a poll of the device's fd) rather than on a thread.")
+	m.ringHeld = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "cdevfs", Name: "fuse_ring_requests_held",
+		Help: "FUSE requests io_uring queues hold while they wait: READs parked for a packet and requests served on a goroutine of their own."})
+	m.ringKicks = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "cdevfs", Name: "fuse_ring_kicks_total",
+		Help: "Kicks io_uring queues sent to fetch requests the kernel stranded while READs held their entries, by result: answered by the queue, or missed (it went elsewhere: the queue's CPU is not the daemon's, or the mountpoint leads elsewhere)."},
+		[]string{"result"})
+	m.reg.MustRegister(m.ringHeld, m.ringKicks)
 	m.panics = counter("handler_panics_total", "FUSE request handlers that panicked (a bug: each is logged at ERROR with its stack, and its request answered EIO).")
 	m.watchResyncs = counter("watch_resyncs_total", "Times the netlink watch lost link events (its socket overflowed: ENOBUFS) and resynced the tree from a full dump of the interfaces.")
 	m.errors = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "cdevfs", Name: "device_errors_total",
@@ -188,6 +196,25 @@ func (m *Metrics) RingParked() {
 		return
 	}
 	m.ringParked.Inc()
+}
+
+// RingHeld adds delta to the requests io_uring queues hold.
+func (m *Metrics) RingHeld(delta int) {
+	if m != nil {
+		m.ringHeld.Add(float64(delta))
+	}
+}
+
+// RingKick counts one kick of an io_uring queue, answered or missed.
+func (m *Metrics) RingKick(answered bool) {
+	if m == nil {
+		return
+	}
+	result := "missed"
+	if answered {
+		result = "answered"
+	}
+	m.ringKicks.WithLabelValues(result).Inc()
 }
 
 // WatchResynced counts one resync of the netlink watch after lost events.
