@@ -580,3 +580,57 @@ func onCPU0(f func() error) <-chan error {
 	}()
 	return res
 }
+
+// TestUnmountLeavesOtherMounts: Unmount acts on the mount's own mount
+// only. A tmpfs mounted over the mountpoint is left alone, healthy or
+// with its io_uring queues failed (where Unmount forces: MNT_FORCE acts
+// on whatever is topmost); Unmount says what covers it, and unmounts
+// once that is gone.
+func TestUnmountLeavesOtherMounts(t *testing.T) {
+	setURing(t, "Y")
+	for _, tc := range []struct {
+		name   string
+		mode   IOURing
+		broken bool
+	}{
+		{"devfuse", IOURingOff, false},
+		{"io_uring", IOURingOn, false},
+		{"io_uring failed", IOURingOn, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, _, m, err := fakeMount(t, tc.mode)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.broken {
+				breakRings(t, m)
+			}
+			if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64k"); err != nil {
+				t.Fatal(err)
+			}
+			covered := true
+			defer func() {
+				if covered {
+					unix.Unmount(dir, unix.MNT_DETACH)
+				}
+			}()
+			err = m.Unmount()
+			if err == nil || !strings.Contains(err.Error(), "tmpfs") {
+				t.Errorf("Unmount under a tmpfs = %v, want an error naming the tmpfs over it", err)
+			}
+			if fstype, _ := mountAt(dir); fstype != "tmpfs" {
+				t.Fatalf("after Unmount the topmost mount at the mountpoint is %q, want the tmpfs left alone", fstype)
+			}
+			if err := unix.Unmount(dir, 0); err != nil {
+				t.Fatal(err)
+			}
+			covered = false
+			if err := m.Unmount(); err != nil {
+				t.Errorf("Unmount once uncovered: %v", err)
+			}
+			if fstype, ok := mountAt(dir); ok {
+				t.Errorf("after Unmount a %s mount is at the mountpoint, want none", fstype)
+			}
+		})
+	}
+}
