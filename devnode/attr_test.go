@@ -8,10 +8,10 @@ import (
 	"github.com/cdevfs/cdevfs/devnode"
 )
 
-// TestAttrPolicyAtMake: a new node is published with the policy's
-// attributes already set (a hidden node is never visible unhidden), and
-// defaults to root:root 0600 with all three times set.
-func TestAttrPolicyAtMake(t *testing.T) {
+// TestObserverLinkingAtMake: a new node is published with the
+// attributes its observer's Linking set (a hidden node is never visible
+// unhidden), and defaults to root:root 0600 with all three times set.
+func TestObserverLinkingAtMake(t *testing.T) {
 	reg := devnode.NewRegistry()
 	defer reg.Shutdown(context.Background(), nil)
 	n0, err := reg.Make("x0", &blockingDevice{}, false)
@@ -24,22 +24,22 @@ func TestAttrPolicyAtMake(t *testing.T) {
 		t.Errorf("default attributes %+v, want root:root 0600, visible, times set", a)
 	}
 	var seen []string
-	reg.SetAttrPolicy(func(name string, a *devnode.Attr) {
+	reg.Observe(&observer{linking: func(name string, a *devnode.Attr) {
 		seen = append(seen, name) // under the registry's lock: no race
 		if name == "x1" {
 			a.Mode, a.Gid, a.Hidden = 0660, 20, true
 		}
-	})
+	}})
 	n1, err := reg.Make("x1", &blockingDevice{}, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer n1.Rel()
 	if a := n1.Attr(); a.Mode != 0660 || a.Gid != 20 || !a.Hidden {
-		t.Errorf("x1 attributes %+v, want the policy's 0660 gid 20 hidden", a)
+		t.Errorf("x1 attributes %+v, want Linking's 0660 gid 20 hidden", a)
 	}
 	if len(seen) != 1 || seen[0] != "x1" {
-		t.Errorf("policy saw %v, want [x1]", seen)
+		t.Errorf("Linking saw %v, want [x1]", seen)
 	}
 }
 

@@ -79,7 +79,7 @@ type Poller interface {
 // open while the node is open and the caller in flight (the device is
 // closed only by the last close, released only after a drain); the
 // caller must not close it. A wait that outlives a revoke is the caller's
-// to end: the registry's revoke hook says when (SetRevokeHook).
+// to end: the registry's observer is told when (Observer.Revoked).
 type ReadWaiter interface {
 	ReadFD() int
 }

@@ -87,6 +87,34 @@ func newEnv(t *testing.T) *env {
 	return e
 }
 
+// observer is a devnode.Observer for tests: each method calls its func,
+// if it is set.
+type observer struct {
+	linking  func(name string, a *devnode.Attr)
+	unlinked func(name string)
+	revoked  func(n *devnode.Node)
+}
+
+var _ devnode.Observer = (*observer)(nil)
+
+func (o *observer) Linking(name string, a *devnode.Attr) {
+	if o.linking != nil {
+		o.linking(name, a)
+	}
+}
+
+func (o *observer) Unlinked(name string) {
+	if o.unlinked != nil {
+		o.unlinked(name)
+	}
+}
+
+func (o *observer) Revoked(n *devnode.Node) {
+	if o.revoked != nil {
+		o.revoked(n)
+	}
+}
+
 func (e *env) shutdown(between func()) {
 	e.once.Do(func() { e.reg.Shutdown(context.Background(), between) })
 }
@@ -950,18 +978,18 @@ func TestShutdownTakesOverAbandonedDestroy(t *testing.T) {
 	e.finish(t)
 }
 
-// TestUnlinkHookAndLinked: the unlink hook hears each destroyed name once,
-// when the name goes (before the destroy returns), and not a name reused
-// by a newer node; Linked turns false at the same moment.
-func TestUnlinkHookAndLinked(t *testing.T) {
+// TestObserverUnlinkedAndLinked: the observer hears each destroyed name
+// once, when the name goes (before the destroy returns), and not a name
+// reused by a newer node; Linked turns false at the same moment.
+func TestObserverUnlinkedAndLinked(t *testing.T) {
 	e := newEnv(t)
 	var mu sync.Mutex
 	var heard []string
-	e.reg.SetUnlinkHook(func(name string) {
+	e.reg.Observe(&observer{unlinked: func(name string) {
 		mu.Lock()
 		defer mu.Unlock()
 		heard = append(heard, name)
-	})
+	}})
 	n := e.lookup(t, "tun2")
 	if !n.Linked() {
 		t.Fatalf("Linked() = false for a live node, want true")
@@ -982,57 +1010,89 @@ func TestUnlinkHookAndLinked(t *testing.T) {
 	got := append([]string(nil), heard...)
 	mu.Unlock()
 	if len(got) != 1 || got[0] != "tun2" {
-		t.Fatalf("unlink hook heard %q, want [tun2] exactly once", got)
+		t.Fatalf("Unlinked heard %q, want [tun2] exactly once", got)
 	}
 	e.finish(t)
 	mu.Lock()
 	defer mu.Unlock()
 	if len(heard) != 2 {
-		t.Fatalf("unlink hook heard %q after Shutdown, want the second tun2 too", heard)
+		t.Fatalf("Unlinked heard %q after Shutdown, want the second tun2 too", heard)
 	}
 }
 
-// The revoke hook is how a wait held outside Device.Read (ReadWaiter: the
-// io_uring transport parks a READ on the device's fd) learns of a revoke:
-// it must run after the node is dying and before the drain waits, in
-// Destroy and in Shutdown alike, so that an operation it ends lets the
-// drain finish. Here the in-flight operation's only way out is the hook.
-func TestRevokeHookEndsWaitBeforeDrain(t *testing.T) {
-	for _, how := range []string{"Destroy", "Shutdown"} {
+// Observer.Revoked is how a wait held outside Device.Read (ReadWaiter:
+// the io_uring transport parks a READ on the device's fd) learns of a
+// revoke: it must run after the node is dying and before the drain waits,
+// in Destroy and in Shutdown alike, so that an operation it ends lets the
+// drain finish. Here the in-flight operation's only way out is Revoked.
+func TestObserverRevokedEndsWaitBeforeDrain(t *testing.T) {
+	for _, tc := range []struct {
+		how     string
+		destroy func(e *env, n *devnode.Node) error
+	}{
+		{"Destroy", func(e *env, n *devnode.Node) error { return n.Destroy(context.Background()) }},
+		{"Shutdown", func(e *env, n *devnode.Node) error { e.shutdown(nil); return nil }},
+	} {
+		how := tc.how
 		t.Run(how, func(t *testing.T) {
 			e := newEnv(t)
 			n := e.lookup(t, "tun0")
 			exit := enter(t, n)
 			defer exit()
 			heard := make(chan devnode.Flags, 4)
-			e.reg.SetRevokeHook(func(r *devnode.Node) {
+			e.reg.Observe(&observer{revoked: func(r *devnode.Node) {
 				if r == n {
 					heard <- r.Flags()
 					exit() // what a parked wait does once told
 				}
-			})
-			var done <-chan error
-			if how == "Destroy" {
-				done = async(func() error { return n.Destroy(context.Background()) })
-			} else {
-				done = async(func() error { e.shutdown(nil); return nil })
-			}
+			}})
+			done := async(func() error { return tc.destroy(e, n) })
 			select {
 			case f := <-heard:
 				if f&devnode.FlagDying == 0 {
-					t.Errorf("revoke hook ran with flags %b, want FlagDying set (no new operation may start)", f)
+					t.Errorf("Revoked ran with flags %b, want FlagDying set (no new operation may start)", f)
 				}
 			case <-time.After(waitLong):
-				t.Fatalf("%s never called the revoke hook with an operation in flight", how)
+				t.Fatalf("%s never called Revoked with an operation in flight", how)
 			}
-			if err := recv(t, done, how+" after the hook ended the operation"); err != nil {
+			if err := recv(t, done, how+" after Revoked ended the operation"); err != nil {
 				t.Fatalf("%s = %v, want nil", how, err)
 			}
 			if len(heard) != 0 {
-				t.Errorf("revoke hook called %d more times for one node, want once", len(heard))
+				t.Errorf("Revoked called %d more times for one node, want once", len(heard))
 			}
 			n.Rel()
 			e.finish(t)
 		})
+	}
+}
+
+// TestObserveNil: Observe(nil) takes the observer away, and a node made,
+// revoked and unlinked after it is told to no one.
+func TestObserveNil(t *testing.T) {
+	e := newEnv(t)
+	var mu sync.Mutex
+	var heard []string
+	hear := func(s string) {
+		mu.Lock()
+		defer mu.Unlock()
+		heard = append(heard, s)
+	}
+	e.reg.Observe(&observer{
+		linking:  func(name string, _ *devnode.Attr) { hear("Linking " + name) },
+		unlinked: func(name string) { hear("Unlinked " + name) },
+		revoked:  func(n *devnode.Node) { hear("Revoked " + n.Name()) },
+	})
+	e.reg.Observe(nil)
+	n := e.lookup(t, "tun1")
+	if err := n.Destroy(context.Background()); err != nil {
+		t.Fatalf("Destroy: %v", err)
+	}
+	n.Rel()
+	e.finish(t)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(heard) != 0 {
+		t.Errorf("after Observe(nil) the old observer heard %q, want nothing", heard)
 	}
 }

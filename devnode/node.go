@@ -58,7 +58,7 @@ type Node struct {
 
 	// attr is the node's owner, mode, times and hidden flag (FreeBSD's
 	// si_uid, si_gid, si_mode, si_*time, and the DE_WHITEOUT of its one
-	// devfs entry): set at Make (through the registry's policy), changed
+	// devfs entry): set at Make (through the registry's observer), changed
 	// by SetAttr and UpdateAttr.
 	attr Attr
 
@@ -434,14 +434,14 @@ func (n *Node) revokeDrain(ctx context.Context) error {
 }
 
 // revoke wakes the operations blocked in the device, then tells the
-// revoke hook, for the waits outside it (ReadWaiter).
+// registry's observer, for the waits outside it (ReadWaiter).
 func (n *Node) revoke() {
 	n.dev.Revoke()
 	n.reg.mu.Lock()
-	f := n.reg.revokeHook
+	o := n.reg.observer
 	n.reg.mu.Unlock()
-	if f != nil {
-		f(n)
+	if o != nil {
+		o.Revoked(n)
 	}
 }
 

@@ -17,9 +17,44 @@ import (
 // can take it first.
 type CloneFunc func(ctx context.Context, name string, open bool) (*Node, error)
 
+// Observer is told of the changes to a registry's names and nodes that
+// the layer above must follow: the fs tree sets a node's attributes from
+// its rules, drops the kernel's cached entry for a name that goes, and
+// ends the waits it holds on a revoked device. A registry has at most one
+// observer (Registry.Observe). Its methods must be quick and must not
+// block.
+type Observer interface {
+	// Linking sets the attributes of the node being made for name, as the
+	// name is linked and before it is published, so no caller ever sees a
+	// node without them (a hidden node is never visible, not even for a
+	// moment): FreeBSD runs devfs_rules_apply, in devfs_populate, before
+	// a new entry is visible. a starts as root:root 0600 with all three
+	// times set. Linking runs under the registry's lock: it must not call
+	// the registry. Whoever changes what Linking decides must re-apply it
+	// to the nodes that exist: a Make that runs concurrently either sees
+	// the new decision or is in List by the time the caller lists.
+	Linking(name string, a *Attr)
+
+	// Unlinked is told a node's name right after the name is unlinked, in
+	// a destroy, before the backing object goes; not a name that a newer
+	// node has taken since. It runs without the registry's lock but
+	// inside Device.Destroy, under the cloner's lock: it must not block or
+	// call the registry (the fs layer queues a kernel invalidation).
+	Unlinked(name string)
+
+	// Revoked is told every node right after its device is revoked
+	// (Device.Revoke), and before the destroy waits for its in-flight
+	// operations: whoever waits for a device on a node's behalf outside
+	// Device.Read (ReadWaiter) must end that wait when told, or the drain
+	// waits for ever. The node is dying by then, so no new operation
+	// starts. Revoked runs without the registry's lock, in the destroying
+	// goroutine: it must not block.
+	Revoked(n *Node)
+}
+
 // Registry is the devfs name table.
 type Registry struct {
-	mu      sync.Mutex // guards nodes, cloners, closed
+	mu      sync.Mutex // guards nodes, cloners, closed, observer
 	nodes   map[string]*Node
 	cloners []CloneFunc
 	closed  bool
@@ -41,19 +76,10 @@ type Registry struct {
 	// destroyHook runs before a node's backing object is destroyed (tests
 	// hold it to widen race windows).
 	destroyHook func(*Node)
-	// revokeHook is told each node right after its device is revoked,
-	// before the drain waits (SetRevokeHook). Guarded by mu; called
-	// without it.
-	revokeHook func(*Node)
-
-	// policy sets a new node's attributes before it is published (devfs
-	// rules, devfs_rules_apply in FreeBSD's devfs_populate). Guarded by mu.
-	policy func(name string, a *Attr)
-
-	// unlinked is told each name whose node has just been unlinked, so
-	// that the fs layer can drop the kernel's cached entry. Guarded by mu;
-	// called without it.
-	unlinked func(name string)
+	// observer (nil: none) is told of each node linked, unlinked and
+	// revoked (Observe). Guarded by mu; Linking is called under mu,
+	// Unlinked and Revoked are read under mu and called without it.
+	observer Observer
 }
 
 // NewRegistry returns an empty registry with its DestroySched worker
@@ -75,39 +101,13 @@ func NewRegistry() *Registry {
 // and before the backing object is destroyed. For tests.
 func (r *Registry) SetDestroyHook(f func(*Node)) { r.destroyHook = f }
 
-// SetRevokeHook installs f, called with every node right after its
-// device is revoked (Device.Revoke) and before the destroy waits for its
-// in-flight operations: whoever waits for a device on a node's behalf
-// outside Device.Read (ReadWaiter) must end that wait when told, or the
-// drain waits for ever. f must not block; it runs in the destroying
-// goroutine.
-func (r *Registry) SetRevokeHook(f func(*Node)) {
+// Observe makes o the registry's observer, in place of any before it; a
+// nil o means none. The layer above calls it once, before it serves
+// (fs.NewRoot); the nodes made before are not shown to o.
+func (r *Registry) Observe(o Observer) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.revokeHook = f
-}
-
-// SetAttrPolicy installs f, which sets the attributes of every node
-// made from now on before its name is published, so no caller ever sees
-// a node without them (a hidden node is never visible, not even for a
-// moment). f runs under the registry's lock: it must be quick and must
-// not call the registry. Whoever changes what f decides must re-apply it
-// to the nodes that exist: a Make that runs concurrently either sees the
-// new decision or is in List by the time the caller lists.
-func (r *Registry) SetAttrPolicy(f func(name string, a *Attr)) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.policy = f
-}
-
-// SetUnlinkHook installs f, called with a node's name right after the
-// name is unlinked (in a destroy, before the backing object goes). It
-// runs inside Device.Destroy, under the cloner's lock: it must not block
-// or call the registry (the fs layer queues a kernel invalidation).
-func (r *Registry) SetUnlinkHook(f func(name string)) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.unlinked = f
+	r.observer = o
 }
 
 // AddCloner registers a clone handler (the dev_clone event handler).
@@ -143,25 +143,25 @@ func (r *Registry) Make(name string, dev Device, open bool) (*Node, error) {
 	if _, ok := r.nodes[name]; ok {
 		return nil, ErrExists
 	}
-	if r.policy != nil {
-		r.policy(name, &n.attr)
+	if r.observer != nil {
+		r.observer.Linking(name, &n.attr)
 	}
 	r.nodes[name] = n
 	r.live.Add(1)
 	return n, nil
 }
 
-// unlink removes n's name, if it is still n's, and tells the unlink hook.
+// unlink removes n's name, if it is still n's, and tells the observer.
 func (r *Registry) unlink(n *Node) {
 	r.mu.Lock()
 	mine := r.nodes[n.name] == n
 	if mine {
 		delete(r.nodes, n.name)
 	}
-	hook := r.unlinked
+	o := r.observer
 	r.mu.Unlock()
-	if mine && hook != nil {
-		hook(n.name)
+	if mine && o != nil {
+		o.Unlinked(n.name)
 	}
 }
 

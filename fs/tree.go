@@ -53,16 +53,15 @@ type Root struct {
 	// refusals logs refused actions at a bounded rate per caller (refuse.go).
 	refusals *refusalLog
 	// mount is the mount serving the tree (set by New before serving, and
-	// again by a remount): the registry's revoke hook tells it, from any
-	// goroutine, so that READs its transport waits for outside the device
-	// end.
+	// again by a remount): Revoked tells it, from any goroutine, so that
+	// READs its transport waits for outside the device end.
 	mount atomic.Pointer[Mount]
 	// inval pushes cache invalidations to the kernel; set by New once
-	// mounted (nil before: nothing is cached yet). The registry's unlink
-	// hook reads it from any goroutine.
+	// mounted (nil before: nothing is cached yet). Unlinked reads it from
+	// any goroutine.
 	inval atomic.Pointer[invalidator]
-	// byIno orders the device nodes for the listing (rootdir.go); the
-	// registry's policy and unlink hooks tell it of every change of names.
+	// byIno orders the device nodes for the listing (rootdir.go); Linking
+	// and Unlinked tell it of every change of names.
 	byIno inoIndex
 }
 
@@ -72,12 +71,16 @@ var (
 	_ = (fs.NodeGetattrer)((*Root)(nil))
 	_ = (fs.NodeOnAdder)((*Root)(nil))
 	_ = (fs.NodeOpendirHandler)((*Root)(nil))
+
+	_ devnode.Observer = (*Root)(nil)
 )
 
 // NewRoot returns the root of a tree serving reg's nodes; clones lists
 // the clone node names (the cloners' prefixes), cloneable tells which
 // names a cloner would create (the names a lookup may clone), and policy decides
-// which callers are privileged.
+// which callers are privileged. The root observes reg (Registry.Observe):
+// it sets each new node's attributes from the rules, drops a destroyed
+// name from the kernel's cache, and ends the waits on a revoked device.
 func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool, policy *privilege.Policy, log *slog.Logger) *Root {
 	r := &Root{reg: reg, log: log, policy: policy, cloneable: cloneable, clones: make(map[string]bool), mtime: time.Now()}
 	r.refusals = newRefusalLog(log, time.Now)
@@ -93,27 +96,33 @@ func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool
 		}
 		r.devices = append(r.devices, d)
 	}
-	// Device nodes get the rules before their name is published (FreeBSD
-	// runs devfs_rules_apply before a new entry is visible).
-	// The policy runs as the name is linked, so the listing hears of it
-	// in time.
-	reg.SetAttrPolicy(func(name string, a *devnode.Attr) {
-		applyRules(r.rules.Load(), name, a)
-		r.byIno.changed()
-	})
-	// A destroyed name must not outlive its node in the kernel's cache.
-	reg.SetUnlinkHook(func(name string) {
-		r.byIno.changed()
-		r.inval.Load().entry(name)
-	})
-	// A READ parked on a ring waits outside the device: a revoke must end
-	// it, or the destroy's drain waits for ever.
-	reg.SetRevokeHook(func(n *devnode.Node) {
-		if m := r.mount.Load(); m != nil {
-			m.revoked(n)
-		}
-	})
+	reg.Observe(r)
 	return r
+}
+
+// Linking implements devnode.Observer: device nodes get the rules before
+// their name is published (FreeBSD runs devfs_rules_apply before a new
+// entry is visible). It runs as the name is linked, under the registry's
+// lock, so the listing hears of it in time.
+func (r *Root) Linking(name string, a *devnode.Attr) {
+	applyRules(r.rules.Load(), name, a)
+	r.byIno.changed()
+}
+
+// Unlinked implements devnode.Observer: a destroyed name must not outlive
+// its node in the kernel's cache.
+func (r *Root) Unlinked(name string) {
+	r.byIno.changed()
+	r.inval.Load().entry(name)
+}
+
+// Revoked implements devnode.Observer: a READ parked on a ring waits
+// outside the device, so a revoke must end it, or the destroy's drain
+// waits for ever.
+func (r *Root) Revoked(n *devnode.Node) {
+	if m := r.mount.Load(); m != nil {
+		m.revoked(n)
+	}
 }
 
 // File implements transport.Files.
@@ -145,9 +154,9 @@ func (r *Root) AddDevice(d kdev.Device) error {
 // SetRules makes rs the ruleset in force (nil: none) and applies it to
 // every entry, static and device, as `devfs rule applyset` does. Rules
 // change only what they set: an entry keeps a chmod, or a hide, that no
-// rule of rs overrides. Devices made concurrently get rs too: the
-// registry's policy reads the new ruleset under the registry's lock, and
-// a node made before that is in the List below.
+// rule of rs overrides. Devices made concurrently get rs too: Linking
+// reads the new ruleset under the registry's lock, and a node made before
+// that is in the List below.
 func (r *Root) SetRules(rs *rules.Ruleset) {
 	r.rules.Store(rs)
 	for _, e := range r.statics {
