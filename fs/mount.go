@@ -54,9 +54,10 @@ const cacheTimeout = time.Minute
 // and what carries the connection's requests.
 //
 // Close order (Unmount, then Close): the kernel stops sending requests
-// (the unmount), the invalidations stop, the io_uring queues stop and are
-// waited for, /dev/fuse is closed (which aborts what is left of the
-// connection), and the /dev/fuse loop is waited for. The daemon revokes
+// (the unmount), the invalidations stop, the io_uring queues are told to
+// stop, /dev/fuse is closed (which aborts what is left of the connection
+// once the queues have closed their rings), and the queues and the
+// /dev/fuse loop are waited for. The daemon revokes
 // and drains its devices before (devnode.Registry.Shutdown), and destroys
 // them after.
 type Mount struct {
