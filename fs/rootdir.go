@@ -77,7 +77,7 @@ const maxInoSnapshotAge = time.Second
 
 // changed says that a name was linked or unlinked: it must be called
 // after an unlink, and no later than the link is published (the
-// registry's policy runs in the same critical section), so a READDIR
+// root's Observer.Linking runs in the same critical section), so a READDIR
 // that comes after either sees it.
 func (x *inoIndex) changed() { x.gen.Add(1) }
 

@@ -78,7 +78,7 @@ func (d *pipeDev) Write(ctx context.Context, p []byte) (int, error) { return len
 // TestParkedReadEnds: a blocking READ of a device with a ReadWaiter fd is
 // parked in its queue's ring, and ends in each of the ways a blocked read
 // ends: with the packet that comes; with ENXIO when the node is destroyed
-// (the registry's revoke hook); with EINTR when its reader is signalled,
+// (the root's Observer.Revoked); with EINTR when its reader is signalled,
 // even if the INTERRUPT reaches the daemon before the READ is parked (the
 // kernel sends it only once: it must be kept for the READ).
 func TestParkedReadEnds(t *testing.T) {
