@@ -40,7 +40,6 @@
 package fuseuring
 
 import (
-	"encoding/binary"
 	"fmt"
 	"os"
 	"runtime"
@@ -125,9 +124,81 @@ const (
 	ioringOpRead       = 22
 	ioringOpURingCmd   = 46
 	iosqeFixedFile     = 1 << 0
-	sqeSize            = 128 // with IORING_SETUP_SQE128
-	cqeSize            = 16
 )
+
+// The io_uring ABI, <linux/io_uring.h>'s structs, with their unions
+// given the one member this package uses (layout_test.go checks them
+// against the kernel's offsets).
+
+// params is struct io_uring_params, io_uring_setup's argument.
+type params struct {
+	SQEntries    uint32
+	CQEntries    uint32
+	Flags        uint32
+	SQThreadCPU  uint32
+	SQThreadIdle uint32
+	Features     uint32
+	WQFd         uint32
+	Resv         [3]uint32
+	SQOff        sqRingOffsets
+	CQOff        cqRingOffsets
+}
+
+// sqRingOffsets is struct io_sqring_offsets: where the submission
+// ring's fields are in the mapping at IORING_OFF_SQ_RING.
+type sqRingOffsets struct {
+	Head        uint32
+	Tail        uint32
+	RingMask    uint32
+	RingEntries uint32
+	Flags       uint32
+	Dropped     uint32
+	Array       uint32
+	Resv1       uint32
+	UserAddr    uint64
+}
+
+// cqRingOffsets is struct io_cqring_offsets (the completion ring shares
+// the submission ring's mapping: IORING_FEAT_SINGLE_MMAP).
+type cqRingOffsets struct {
+	Head        uint32
+	Tail        uint32
+	RingMask    uint32
+	RingEntries uint32
+	Overflow    uint32
+	CQEs        uint32
+	Flags       uint32
+	Resv1       uint32
+	UserAddr    uint64
+}
+
+// sqe is struct io_uring_sqe as IORING_SETUP_SQE128 makes it: 128 bytes,
+// the last 80 the command area of an IORING_OP_URING_CMD.
+type sqe struct {
+	Opcode   uint8
+	Flags    uint8 // IOSQE_*
+	Ioprio   uint16
+	Fd       int32  // or the fixed file's index, with IOSQE_FIXED_FILE
+	Off      uint64 // off; a URING_CMD's cmd_op is its first 4 bytes (setCmdOp)
+	Addr     uint64 // addr: a buffer, the iovecs, a POLL_REMOVE's target
+	Len      uint32
+	OpFlags  uint32 // the union of rw_flags, poll32_events, uring_cmd_flags, ...
+	UserData uint64
+	BufIndex uint16
+	Persona  uint16
+	FileIdx  int32    // splice_fd_in, file_index, ...
+	Cmd      [80]byte // addr3 and __pad2, or with SQE128 the command (sqe->cmd)
+}
+
+// setCmdOp sets cmd_op, the URING_CMD's member of the union at Off.
+func (s *sqe) setCmdOp(op uint32) { *(*uint32)(unsafe.Pointer(&s.Off)) = op }
+
+// cqe is struct io_uring_cqe (without IORING_SETUP_CQE32).
+type cqe struct {
+	UserData uint64
+	Res      int32
+	Flags    uint32
+}
 
 // Ring is one io_uring instance with its rings mapped. It is used by one
 // thread only: the one that made it.
@@ -135,10 +206,10 @@ type Ring struct {
 	fd                     int
 	deferred               bool // DEFER_TASKRUN: completions posted only in Enter
 	sqHead, sqTail, sqMask *uint32
-	sqArray                unsafe.Pointer
-	sqes                   []byte
+	sqArray                []uint32 // the SQ ring's array of indexes into sqes
+	sqes                   []sqe
 	cqHead, cqTail, cqMask *uint32
-	cqes                   unsafe.Pointer
+	cqes                   []cqe
 	tail                   uint32 // local SQ tail
 	entries                uint32
 	maps                   [][]byte
@@ -168,20 +239,16 @@ func NewThreadRing(entries uint32) (*Ring, error) {
 }
 
 func newRing(entries, flags uint32) (*Ring, error) {
-	var p [120]byte // struct io_uring_params
-	ne := binary.NativeEndian
-	ne.PutUint32(p[4:], 2*entries) // cq_entries
-	ne.PutUint32(p[8:], ioringSetupSQE128|ioringSetupCQSize|flags)
-	fd, _, e := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p[0])), 0)
+	p := params{CQEntries: 2 * entries, Flags: ioringSetupSQE128 | ioringSetupCQSize | flags}
+	fd, _, e := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p)), 0)
 	if e != 0 {
 		return nil, fmt.Errorf("io_uring_setup: %w", e)
 	}
-	r := &Ring{fd: int(fd), entries: ne.Uint32(p[0:]), deferred: flags&ioringSetupDefer != 0}
-	sqEntries, cqEntries, features := ne.Uint32(p[0:]), ne.Uint32(p[4:]), ne.Uint32(p[20:])
-	sq, cq := p[40:80], p[80:120] // io_sqring_offsets, io_cqring_offsets
-	sqLen := int(ne.Uint32(sq[24:])) + int(sqEntries)*4
-	cqLen := int(ne.Uint32(cq[20:])) + int(cqEntries)*cqeSize
-	if features&ioringFeatSingleMm == 0 || features&ioringFeatNoDrop == 0 {
+	r := &Ring{fd: int(fd), entries: p.SQEntries, deferred: flags&ioringSetupDefer != 0}
+	sq, cq := &p.SQOff, &p.CQOff
+	sqLen := int(sq.Array) + int(p.SQEntries)*4
+	cqLen := int(cq.CQEs) + int(p.CQEntries)*int(unsafe.Sizeof(cqe{}))
+	if p.Features&ioringFeatSingleMm == 0 || p.Features&ioringFeatNoDrop == 0 {
 		unix.Close(r.fd)
 		return nil, fmt.Errorf("io_uring without IORING_FEAT_SINGLE_MMAP or NODROP")
 	}
@@ -190,18 +257,19 @@ func newRing(entries, flags uint32) (*Ring, error) {
 		unix.Close(r.fd)
 		return nil, fmt.Errorf("mmap io_uring rings: %w", err)
 	}
-	r.sqes, err = unix.Mmap(r.fd, ioringOffSQEs, int(sqEntries)*sqeSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+	sqeMem, err := unix.Mmap(r.fd, ioringOffSQEs, int(p.SQEntries)*int(unsafe.Sizeof(sqe{})), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
 		unix.Munmap(ringMem)
 		unix.Close(r.fd)
 		return nil, fmt.Errorf("mmap io_uring sqes: %w", err)
 	}
-	r.maps = [][]byte{ringMem, r.sqes}
+	r.maps = [][]byte{ringMem, sqeMem}
 	at := func(off uint32) *uint32 { return (*uint32)(unsafe.Pointer(&ringMem[off])) }
-	r.sqHead, r.sqTail, r.sqMask = at(ne.Uint32(sq[0:])), at(ne.Uint32(sq[4:])), at(ne.Uint32(sq[8:]))
-	r.sqArray = unsafe.Pointer(&ringMem[ne.Uint32(sq[24:])])
-	r.cqHead, r.cqTail, r.cqMask = at(ne.Uint32(cq[0:])), at(ne.Uint32(cq[4:])), at(ne.Uint32(cq[8:]))
-	r.cqes = unsafe.Pointer(&ringMem[ne.Uint32(cq[20:])])
+	r.sqHead, r.sqTail, r.sqMask = at(sq.Head), at(sq.Tail), at(sq.RingMask)
+	r.sqArray = unsafe.Slice(at(sq.Array), p.SQEntries)
+	r.sqes = unsafe.Slice((*sqe)(unsafe.Pointer(&sqeMem[0])), p.SQEntries)
+	r.cqHead, r.cqTail, r.cqMask = at(cq.Head), at(cq.Tail), at(cq.RingMask)
+	r.cqes = unsafe.Slice((*cqe)(unsafe.Pointer(&ringMem[cq.CQEs])), p.CQEntries)
 	r.tail = atomic.LoadUint32(r.sqTail)
 	return r, nil
 }
@@ -224,19 +292,19 @@ func (r *Ring) RegisterFile(fd int) error {
 	return nil
 }
 
-// sqe returns the next free submission entry, zeroed; with every slot
+// next returns the next free submission entry, zeroed; with every slot
 // taken it submits what is queued first.
-func (r *Ring) sqe() []byte {
+func (r *Ring) next() *sqe {
 	for r.tail-atomic.LoadUint32(r.sqHead) >= r.entries {
 		if err := r.Enter(false); err != nil {
 			panic(err) // the ring itself is broken
 		}
 	}
 	i := r.tail & *r.sqMask
-	*(*uint32)(unsafe.Add(r.sqArray, 4*i)) = i
+	r.sqArray[i] = i
 	r.tail++
-	s := r.sqes[int(i)*sqeSize : int(i+1)*sqeSize]
-	clear(s)
+	s := &r.sqes[i]
+	*s = sqe{}
 	return s
 }
 
@@ -272,45 +340,42 @@ func (r *Ring) Submitted() bool {
 func (r *Ring) Reap(f func(userData uint64, res int32)) {
 	head := atomic.LoadUint32(r.cqHead)
 	for tail := atomic.LoadUint32(r.cqTail); head != tail; head++ {
-		c := unsafe.Add(r.cqes, uintptr(head&*r.cqMask)*cqeSize)
-		f(*(*uint64)(c), *(*int32)(unsafe.Add(c, 8)))
+		c := &r.cqes[head&*r.cqMask]
+		f(c.UserData, c.Res)
 	}
 	atomic.StoreUint32(r.cqHead, head)
 }
 
 // PollAdd queues a one-shot poll of fd for events.
 func (r *Ring) PollAdd(fd int, events uint32, userData uint64) {
-	s := r.sqe()
-	ne := binary.NativeEndian
-	s[0] = ioringOpPollAdd
-	ne.PutUint32(s[4:], uint32(fd))
-	ne.PutUint32(s[28:], events) // poll32_events
-	ne.PutUint64(s[32:], userData)
+	s := r.next()
+	s.Opcode = ioringOpPollAdd
+	s.Fd = int32(fd)
+	s.OpFlags = events // poll32_events
+	s.UserData = userData
 }
 
 // PollRemove queues the removal of the poll queued with target as its
 // user data; the poll then completes with ECANCELED (or has completed
 // already: the removal then fails with ENOENT).
 func (r *Ring) PollRemove(target, userData uint64) {
-	s := r.sqe()
-	ne := binary.NativeEndian
-	s[0] = ioringOpPollRemove
-	ne.PutUint32(s[4:], ^uint32(0)) // fd: -1
-	ne.PutUint64(s[16:], target)    // addr: the poll's user data
-	ne.PutUint64(s[32:], userData)
+	s := r.next()
+	s.Opcode = ioringOpPollRemove
+	s.Fd = -1
+	s.Addr = target // the poll's user data
+	s.UserData = userData
 }
 
 // Read queues a read(2) of fd into buf, which must stay put (not Go
 // heap memory the collector may free) until the completion.
 func (r *Ring) Read(fd int, buf []byte, userData uint64) {
-	s := r.sqe()
-	ne := binary.NativeEndian
-	s[0] = ioringOpRead
-	ne.PutUint32(s[4:], uint32(fd))
-	ne.PutUint64(s[8:], ^uint64(0)) // off: -1, the file position (none for an eventfd)
-	ne.PutUint64(s[16:], uint64(uintptr(unsafe.Pointer(&buf[0]))))
-	ne.PutUint32(s[24:], uint32(len(buf)))
-	ne.PutUint64(s[32:], userData)
+	s := r.next()
+	s.Opcode = ioringOpRead
+	s.Fd = int32(fd)
+	s.Off = ^uint64(0) // -1, the file position (none for an eventfd)
+	s.Addr = uint64(uintptr(unsafe.Pointer(&buf[0])))
+	s.Len = uint32(len(buf))
+	s.UserData = userData
 }
 
 // SetEnable sets the fuse module's enable_uring to v ("Y" or "N"), for
