@@ -11,7 +11,6 @@ package main
 
 import (
 	"bufio"
-	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"os"
@@ -22,6 +21,8 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/cdevfs/cdevfs/internal/fusewire"
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
 
@@ -30,19 +31,20 @@ func unsafePointer(b *byte) unsafe.Pointer { return unsafe.Pointer(b) }
 const (
 	relayIf      = "relay0"
 	relayThreads = 4
-	fuseOpLookup = 1
-	fuseOpForget = 2
-	fuseOpGetatt = 3
-	fuseOpOpen   = 14
-	fuseOpRead   = 15
-	fuseOpWrite  = 16
-	fuseOpRel    = 18
-	fuseOpFlush  = 25
-	fuseOpInit   = 26
-	fuseOpIntr   = 36
-	fuseOpDestr  = 38
-	fuseOpBForg  = 42
 )
+
+// Sizes of the requests and replies the relays read and write.
+const (
+	sizeofInitOut  = int(unsafe.Sizeof(fuse.InitOut{}))
+	sizeofEntryOut = int(unsafe.Sizeof(fuse.EntryOut{}))
+	sizeofAttrOut  = int(unsafe.Sizeof(fuse.AttrOut{}))
+	sizeofOpenOut  = int(unsafe.Sizeof(fuse.OpenOut{}))
+	sizeofWriteIn  = int(unsafe.Sizeof(fuse.WriteIn{}))
+	sizeofWriteOut = int(unsafe.Sizeof(fuse.WriteOut{}))
+)
+
+// relayOpenFlags are the open flags of "t": a stream with no page cache.
+const relayOpenFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_NONSEEKABLE | fuse.FOPEN_STREAM
 
 type relayProc struct {
 	cmd         *exec.Cmd
@@ -134,23 +136,22 @@ func relayMount(ifname, dir string) (tfd, ffd int, err error) {
 	return tfd, ffd, nil
 }
 
-// relayInitReply fills out with the reply to the INIT request in in:
-// protocol minor at most maxMinor, the given flags and flags2. It returns
-// the body's length.
-func relayInitReply(out, in []byte, maxMinor, flags, flags2 uint32) int {
-	ne := binary.NativeEndian
-	clear(out[16:80])
-	ne.PutUint32(out[16:], 7)                                 // major
-	ne.PutUint32(out[20:], min(ne.Uint32(in[44:]), maxMinor)) // minor
-	ne.PutUint32(out[24:], 0)                                 // max_readahead
-	ne.PutUint32(out[28:], flags)                             // flags
-	ne.PutUint16(out[32:], 16)                                // max_background
-	ne.PutUint16(out[34:], 12)                                // congestion_threshold
-	ne.PutUint32(out[36:], 128*1024)                          // max_write
-	ne.PutUint32(out[40:], 1)                                 // time_gran
-	ne.PutUint16(out[44:], 32)                                // max_pages
-	ne.PutUint32(out[48:], flags2)                            // flags2
-	return 64
+// relayInitReply writes into body the body of the reply to INIT request
+// in: protocol minor at most maxMinor, the given flags and flags2. It
+// returns the body's length.
+func relayInitReply(body *fuse.InitOut, in *fuse.InitIn, maxMinor, flags, flags2 uint32) int {
+	*body = fuse.InitOut{
+		Major:               7,
+		Minor:               min(in.Minor, maxMinor),
+		Flags:               flags,
+		MaxBackground:       16,
+		CongestionThreshold: 12,
+		MaxWrite:            128 * 1024,
+		TimeGran:            1,
+		MaxPages:            32,
+		Flags2:              flags2,
+	}
+	return sizeofInitOut
 }
 
 // relayServe is the relay process: it creates relay0, mounts dir, says
@@ -197,7 +198,6 @@ func relayLoop(ffd, tfd int) {
 	runtime.LockOSThread()
 	in := make([]byte, 132*1024)
 	out := make([]byte, 132*1024)
-	ne := binary.NativeEndian
 	for {
 		n, err := unix.Read(ffd, in)
 		if err != nil {
@@ -207,79 +207,84 @@ func relayLoop(ffd, tfd int) {
 			return
 		}
 		in := in[:n]
-		op := ne.Uint32(in[4:])
-		nodeid := ne.Uint64(in[16:])
-		reply := func(errno unix.Errno, body int) {
-			ne.PutUint32(out[0:], uint32(16+body))
-			ne.PutUint32(out[4:], uint32(-int32(errno)))
-			copy(out[8:16], in[8:16])
-			_, _ = unix.Write(ffd, out[:16+body])
+		h := fusewire.Header(in)
+		if h == nil {
+			continue
 		}
-		switch op {
-		case fuseOpInit:
-			reply(0, relayInitReply(out, in, 31, 0, 0))
-		case fuseOpLookup:
-			if nodeid != 1 || string(in[40:n-1]) != "t" {
-				reply(unix.ENOENT, 0)
-				continue
+		var errno unix.Errno
+		body := 0
+		switch h.Opcode {
+		case fusewire.OpInit:
+			if ii := fusewire.View[fuse.InitIn](in); ii != nil {
+				body = relayInitReply(fusewire.OutBody[fuse.InitOut](out), ii, 31, 0, 0)
+			} else {
+				errno = unix.EPROTO
 			}
-			clear(out[16 : 16+128])
-			ne.PutUint64(out[16:], 2) // nodeid
-			relayAttr(out[16+40:], 2)
-			reply(0, 128)
-		case fuseOpGetatt:
-			clear(out[16 : 16+104])
-			relayAttr(out[16+16:], nodeid)
-			reply(0, 104)
-		case fuseOpOpen:
-			clear(out[16:32])
-			ne.PutUint64(out[16:], 1)
-			ne.PutUint32(out[24:], 1|4|16) // DIRECT_IO | NONSEEKABLE | STREAM
-			reply(0, 16)
-		case fuseOpRead:
-			size := int(ne.Uint32(in[56:]))
-			nonblock := ne.Uint32(in[72:])&unix.O_NONBLOCK != 0
+		case fusewire.OpLookup:
+			if h.NodeId != 1 || string(in[fusewire.InHeaderSize:]) != "t\x00" {
+				errno = unix.ENOENT
+				break
+			}
+			o := fusewire.OutBody[fuse.EntryOut](out)
+			*o = fuse.EntryOut{NodeId: 2}
+			relayAttr(&o.Attr, 2)
+			body = sizeofEntryOut
+		case fusewire.OpGetattr:
+			o := fusewire.OutBody[fuse.AttrOut](out)
+			*o = fuse.AttrOut{}
+			relayAttr(&o.Attr, h.NodeId)
+			body = sizeofAttrOut
+		case fusewire.OpOpen:
+			*fusewire.OutBody[fuse.OpenOut](out) = fuse.OpenOut{Fh: 1, OpenFlags: relayOpenFlags}
+			body = sizeofOpenOut
+		case fusewire.OpRead:
+			r := fusewire.View[fuse.ReadIn](in)
+			if r == nil {
+				errno = unix.EPROTO
+				break
+			}
+			buf := out[fusewire.OutHeaderSize:][:min(int(r.Size), len(out)-fusewire.OutHeaderSize)]
 			for {
-				m, err := unix.Read(tfd, out[16:16+size])
-				if err == unix.EAGAIN && !nonblock {
+				m, err := unix.Read(tfd, buf)
+				if err == unix.EAGAIN && r.Flags&unix.O_NONBLOCK == 0 {
 					pfd := []unix.PollFd{{Fd: int32(tfd), Events: unix.POLLIN}}
 					_, _ = unix.Poll(pfd, -1)
 					continue
 				}
 				if err != nil {
-					reply(err.(unix.Errno), 0)
+					errno = err.(unix.Errno)
 				} else {
-					reply(0, m)
+					body = m
 				}
 				break
 			}
-		case fuseOpWrite:
-			size := int(ne.Uint32(in[56:]))
-			m, err := unix.Write(tfd, in[80:80+size])
-			if err != nil {
-				reply(err.(unix.Errno), 0)
-				continue
+		case fusewire.OpWrite:
+			w := fusewire.View[fuse.WriteIn](in)
+			if w == nil || sizeofWriteIn+int(w.Size) > n {
+				errno = unix.EPROTO
+				break
 			}
-			ne.PutUint64(out[16:], uint64(m))
-			reply(0, 8)
-		case fuseOpFlush, fuseOpRel, fuseOpDestr:
-			reply(0, 0)
-		case fuseOpForget, fuseOpBForg, fuseOpIntr:
+			m, err := unix.Write(tfd, in[sizeofWriteIn:sizeofWriteIn+int(w.Size)])
+			if err != nil {
+				errno = err.(unix.Errno)
+				break
+			}
+			*fusewire.OutBody[fuse.WriteOut](out) = fuse.WriteOut{Size: uint32(m)}
+			body = sizeofWriteOut
+		case fusewire.OpFlush, fusewire.OpRelease, fusewire.OpDestroy:
+		case fusewire.OpForget, fusewire.OpBatchForget, fusewire.OpInterrupt:
+			continue // no reply
 		default:
-			reply(unix.ENOSYS, 0)
+			errno = unix.ENOSYS
 		}
+		_, _ = unix.Write(ffd, out[:fusewire.Reply(out, h.Unique, errno, body)])
 	}
 }
 
-// relayAttr fills a struct fuse_attr for the root (1) or the file (2).
-func relayAttr(a []byte, nodeid uint64) {
-	ne := binary.NativeEndian
-	ne.PutUint64(a[0:], nodeid)
-	mode := uint32(unix.S_IFDIR | 0o755)
-	nlink := uint32(2)
+// relayAttr fills the attributes of the root (1) or the file (2).
+func relayAttr(a *fuse.Attr, nodeid uint64) {
+	*a = fuse.Attr{Ino: nodeid, Mode: unix.S_IFDIR | 0o755, Nlink: 2}
 	if nodeid != 1 {
-		mode, nlink = unix.S_IFREG|0o600, 1
+		a.Mode, a.Nlink = unix.S_IFREG|0o600, 1
 	}
-	ne.PutUint32(a[60:], mode)
-	ne.PutUint32(a[64:], nlink)
 }

@@ -17,13 +17,14 @@ package main
 // parked READs are answered when it fires.
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"time"
 
 	"github.com/cdevfs/cdevfs/internal/fuseuring"
+	"github.com/cdevfs/cdevfs/internal/fusewire"
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
 
@@ -67,12 +68,10 @@ func (q *uringQueue) armPoll() {
 // it would block.
 func (q *uringQueue) serveRead(i int) bool {
 	e := q.Ents[i]
-	ne := binary.NativeEndian
-	op := e.Hdr[fuseuring.OpIn:] // struct fuse_read_in
-	size := min(int(ne.Uint32(op[16:])), uringPayload)
-	m, err := unix.Read(q.tfd, e.Pay[:size])
+	r := fuseuring.InView[fuse.ReadIn](e)
+	m, err := unix.Read(q.tfd, e.Pay[:min(int(r.Size), uringPayload)])
 	switch {
-	case err == unix.EAGAIN && ne.Uint32(op[32:])&unix.O_NONBLOCK == 0:
+	case err == unix.EAGAIN && r.Flags&unix.O_NONBLOCK == 0:
 		return false
 	case err != nil:
 		q.Reply(i, err.(unix.Errno), 0)
@@ -85,44 +84,41 @@ func (q *uringQueue) serveRead(i int) bool {
 // handle serves the request that arrived in entry i.
 func (q *uringQueue) handle(i int) {
 	e := q.Ents[i]
-	ne := binary.NativeEndian
-	h, op := e.Hdr, e.Hdr[fuseuring.OpIn:]
-	nodeid := ne.Uint64(h[16:])
+	h := fusewire.Header(e.Hdr)
 	paySz := e.PayloadSize()
-	switch e.Op() {
-	case fuseOpLookup:
-		if nodeid != 1 || paySz < 1 || string(e.Pay[:paySz-1]) != "t" {
+	switch h.Opcode {
+	case fusewire.OpLookup:
+		if h.NodeId != 1 || string(e.Pay[:paySz]) != "t\x00" {
 			q.Reply(i, unix.ENOENT, 0)
 			return
 		}
-		clear(e.Pay[:128])
-		ne.PutUint64(e.Pay[0:], 2)
-		relayAttr(e.Pay[40:], 2)
-		q.Reply(i, 0, 128)
-	case fuseOpGetatt:
-		clear(e.Pay[:104])
-		relayAttr(e.Pay[16:], nodeid)
-		q.Reply(i, 0, 104)
-	case fuseOpOpen:
-		clear(e.Pay[:16])
-		ne.PutUint64(e.Pay[0:], 1)
-		ne.PutUint32(e.Pay[8:], 1|4|16) // DIRECT_IO | NONSEEKABLE | STREAM
-		q.Reply(i, 0, 16)
-	case fuseOpRead:
+		o := fusewire.View[fuse.EntryOut](e.Pay)
+		*o = fuse.EntryOut{NodeId: 2}
+		relayAttr(&o.Attr, 2)
+		q.Reply(i, 0, sizeofEntryOut)
+	case fusewire.OpGetattr:
+		o := fusewire.View[fuse.AttrOut](e.Pay)
+		*o = fuse.AttrOut{}
+		relayAttr(&o.Attr, h.NodeId)
+		q.Reply(i, 0, sizeofAttrOut)
+	case fusewire.OpOpen:
+		*fusewire.View[fuse.OpenOut](e.Pay) = fuse.OpenOut{Fh: 1, OpenFlags: relayOpenFlags}
+		q.Reply(i, 0, sizeofOpenOut)
+	case fusewire.OpRead:
 		if len(q.parked) > 0 || !q.serveRead(i) {
 			q.parked = append(q.parked, i)
 			q.armPoll()
 		}
-	case fuseOpWrite:
-		size := min(int(ne.Uint32(op[16:])), paySz)
-		m, err := unix.Write(q.tfd, e.Pay[:size])
+	case fusewire.OpWrite:
+		w := fuseuring.InView[fuse.WriteIn](e)
+		m, err := unix.Write(q.tfd, e.Pay[:min(int(w.Size), paySz)])
 		if err != nil {
 			q.Reply(i, err.(unix.Errno), 0)
 			return
 		}
-		ne.PutUint64(e.Pay[0:], uint64(m))
-		q.Reply(i, 0, 8)
-	case fuseOpFlush, fuseOpRel:
+		*fusewire.View[fuse.WriteOut](e.Pay) = fuse.WriteOut{Size: uint32(m)}
+		q.Reply(i, 0, sizeofWriteOut)
+	case fusewire.OpFlush, fusewire.OpRelease:
 		q.Reply(i, 0, 0)
 	default:
 		q.Reply(i, unix.ENOSYS, 0)
@@ -215,6 +211,7 @@ func uringServe(args []string) int {
 	}
 	// INIT, over /dev/fuse.
 	in, out := make([]byte, 132*1024), make([]byte, 4096)
+	var ii *fuse.InitIn
 	for {
 		n, err := unix.Read(ffd, in)
 		if err == unix.EINTR || err == unix.EAGAIN {
@@ -223,17 +220,14 @@ func uringServe(args []string) int {
 		if err != nil {
 			return fail(fmt.Errorf("read INIT: %w", err))
 		}
-		if op := binary.NativeEndian.Uint32(in[4:]); n < 56 || op != fuseOpInit {
-			return fail(fmt.Errorf("first request op %d, not INIT", op))
+		if ii = fusewire.View[fuse.InitIn](in[:n]); ii == nil || ii.Opcode != fusewire.OpInit {
+			return fail(fmt.Errorf("first request op %d (%d bytes), not INIT", fusewire.Opcode(in[:n]), n))
 		}
 		break
 	}
 	// Protocol 7.42 brought FUSE_OVER_IO_URING.
-	body := relayInitReply(out, in, 42, fuseuring.InitExt, fuseuring.OverIOURingFlag2)
-	binary.NativeEndian.PutUint32(out[0:], uint32(16+body))
-	binary.NativeEndian.PutUint32(out[4:], 0)
-	copy(out[8:16], in[8:16])
-	if _, err := unix.Write(ffd, out[:16+body]); err != nil {
+	body := relayInitReply(fusewire.OutBody[fuse.InitOut](out), ii, 42, fuseuring.InitExt, fuseuring.OverIOURingFlag2)
+	if _, err := unix.Write(ffd, out[:fusewire.Reply(out, ii.Unique, 0, body)]); err != nil {
 		return fail(fmt.Errorf("INIT reply: %w", err))
 	}
 	// One queue per possible CPU, each its own thread pinned to its CPU.
@@ -273,8 +267,8 @@ func uringServe(args []string) int {
 			if err != nil {
 				return
 			}
-			switch op := binary.NativeEndian.Uint32(in[4:]); op {
-			case fuseOpForget, fuseOpBForg, fuseOpIntr:
+			switch op := fusewire.Opcode(in[:n]); op {
+			case fusewire.OpForget, fusewire.OpBatchForget, fusewire.OpInterrupt:
 			default:
 				fmt.Fprintf(os.Stderr, "min-uring: op %d arrived over /dev/fuse, not the ring (%d bytes)\n", op, n)
 				os.Exit(1)
