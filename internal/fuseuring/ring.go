@@ -2,7 +2,7 @@
 // (fs/fuse/dev_uring.c): an io_uring instance per FUSE queue, the ring
 // entries that carry one request and its reply each, and the
 // FUSE_IO_URING_CMD_REGISTER and _COMMIT_AND_FETCH commands. It is shared
-// by cdevfs's transport (fs/uring.go) and cdevbench's minimal relay.
+// by cdevfs's transport/uring and cdevbench's minimal relay.
 //
 // How the kernel does it (6.18):
 //
