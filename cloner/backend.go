@@ -89,10 +89,7 @@ type LinkInfo struct {
 // Watcher hears the kernel's link changes (see Linux.Watch).
 type Watcher struct {
 	// Appeared is called for every interface the kernel announces (new,
-	// renamed or changed), and once for each existing one at start; but
-	// the Linux watch drops the events that concern nothing new to the
-	// cloners on its backend (its own creates, state changes of what
-	// they hold: Linux.deliver), whatever w is.
+	// renamed or changed), and once for each existing one at start.
 	Appeared func(LinkInfo)
 	// Deleted is called with the ifindex of every interface removed.
 	Deleted func(index int)

@@ -38,11 +38,6 @@ type Cloner struct {
 	byIndex map[int]*device // live devices by kernel ifindex, for the netlink watch
 	retired bool            // the namespace is gone: nothing is made any more
 
-	// hold mirrors byIndex, and the name being created, for the
-	// backend's watch, which reads it without c.mu (nil: the backend
-	// keeps none). Written under c.mu, with byIndex.
-	hold *holdSet
-
 	destroyOrphans bool // set before the watch starts; see DestroyOrphans
 }
 
@@ -61,9 +56,6 @@ func New(kind Kind, be Backend, reg *devnode.Registry, maxUnit int, log *slog.Lo
 	}
 	c := &Cloner{kind: kind, be: be, reg: reg, max: maxUnit, log: log,
 		units: make(map[int]bool), byIndex: make(map[int]*device)}
-	if h, ok := be.(holder); ok {
-		c.hold = h.holds()
-	}
 	reg.AddCloner(c.Clone)
 	return c
 }
@@ -142,20 +134,16 @@ func (c *Cloner) Clone(ctx context.Context, name string, open bool) (*devnode.No
 // ctx's actor (devnode.WithActor) is logged as the creator.
 func (c *Cloner) createLocked(ctx context.Context, u int, open bool) (*devnode.Node, error) {
 	name := fmt.Sprintf("%s%d", c.kind.Prefix(), u)
-	mk := c.hold.begin(name)
 	link, err := c.be.Create(name, c.kind, open)
 	if err != nil {
-		c.endCreateLocked(u, name, mk, false)
 		return nil, fmt.Errorf("cloner: create %s: %w", name, err)
 	}
 	n, err := c.publishLocked(u, link, false, open)
 	if err != nil {
 		_ = link.Delete()
 		_ = link.Close()
-		c.endCreateLocked(u, name, mk, false)
 		return nil, err
 	}
-	c.endCreateLocked(u, name, mk, true)
 	attrs := []any{"unit", name, "ifindex", link.Index()}
 	if a, ok := devnode.ActorFrom(ctx); ok {
 		attrs = append(attrs, "pid", a.Pid, "uid", a.Uid)
@@ -165,20 +153,6 @@ func (c *Cloner) createLocked(ctx context.Context, u int, open bool) (*devnode.N
 		c.ev.Created()
 	}
 	return n, nil
-}
-
-// endCreateLocked ends the create mk of unit u (name). The watch drops
-// the events of a name being created (holdSet.quiet): right for those of
-// the interface the create makes, which LinkAppeared would ignore once
-// it is published. If nothing was published, though, a dropped event may
-// have been of an interface made by someone else under the name (the
-// reason the create failed with EEXIST), which LinkAppeared would have
-// adopted: so the name is looked up again, as the event would have been
-// handled. Called with c.mu held.
-func (c *Cloner) endCreateLocked(u int, name string, mk *making, published bool) {
-	if c.hold.end(name, mk) && !published {
-		c.rescanLocked(u)
-	}
 }
 
 // publishLocked makes the node of unit u on link and marks the unit used.
@@ -196,7 +170,6 @@ func (c *Cloner) publishLocked(u int, link Link, foreign, open bool) (*devnode.N
 	}
 	if i := link.Index(); i > 0 {
 		c.byIndex[i] = d
-		c.hold.add(i, link.Name())
 	}
 	return n, nil
 }
@@ -254,7 +227,6 @@ func (c *Cloner) renamedLocked(info LinkInfo) *device {
 		return nil
 	}
 	delete(c.byIndex, info.Index)
-	c.hold.remove(info.Index)
 	return d
 }
 
@@ -419,7 +391,6 @@ func (d *device) Destroy(unlink func()) error {
 	d.c.lowFree = min(d.c.lowFree, d.unit)
 	if d.c.byIndex[d.link.Index()] == d {
 		delete(d.c.byIndex, d.link.Index())
-		d.c.hold.remove(d.link.Index())
 	}
 	if n := d.node.Load(); n == nil || n.Cause().Reason != devnode.ReasonShutdown {
 		// At shutdown nothing can be published any more: no rescan.

@@ -10,7 +10,6 @@ import (
 	"runtime"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
@@ -31,12 +30,6 @@ type Linux struct {
 	ns   netns.NsHandle // the namespace interfaces live in; -1 for the caller's own
 	mark string         // the ownership mark (interface alias) of our interfaces
 	ctl  int            // a socket in ns, for SIOCGIFINDEX
-
-	// hold is what the cloners on this backend hold and are making, for
-	// the watch to drop their own events without their locks (quiet);
-	// skips counts the events dropped so (for tests).
-	hold  holdSet
-	skips atomic.Uint64
 
 	// mu guards closed: every use of nl holds it for reading, Close for
 	// writing, because a closed netlink.Handle silently falls back to the
@@ -115,9 +108,6 @@ func (b *Linux) Close() {
 	unix.Close(b.ctl)
 	b.ns.Close()
 }
-
-// holds implements holder: the cloners on b keep b.hold.
-func (b *Linux) holds() *holdSet { return &b.hold }
 
 // handle runs f with the netlink handle, unless the backend is closed.
 func (b *Linux) handle(f func(h *netlink.Handle) error) error {
@@ -226,18 +216,11 @@ func (b *Linux) tunSetIff(name string, flags uint16) (*os.File, error) {
 // rename it there, as an administrator may.
 var createHook func(name string)
 
-// createStartHook, if set, runs first in Create: tests make an interface
-// of the name there, as an administrator may while cdevfs makes it.
-var createStartHook func(name string)
-
 // Create implements Backend: TUNSETIFF with IFF_TUN_EXCL, so an existing
 // device of that name (ours, an administrator's, or not a tun at all) is
 // never attached to; then TUNSETPERSIST so the interface outlives its fd
 // like a FreeBSD tun outlives its last close; then the ownership mark.
 func (b *Linux) Create(name string, kind Kind, attach bool) (Link, error) {
-	if createStartHook != nil {
-		createStartHook(name)
-	}
 	f, err := b.tunSetIff(name, kindFlags(kind)|unix.IFF_TUN_EXCL)
 	if errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EEXIST) {
 		return nil, fmt.Errorf("%w (%v)", syscall.EEXIST, err)

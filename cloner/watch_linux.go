@@ -3,8 +3,6 @@
 package cloner
 
 import (
-	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"syscall"
@@ -39,9 +37,7 @@ const dumpTries = 10
 // one netlink subscription (RTNLGRP_LINK, no polling) until done is closed.
 // Once subscribed it lists the existing interfaces through w.Appeared, so
 // nothing made before or after Watch returns is missed; events and the
-// listing may report one interface twice, and w must not mind. The
-// events of what the cloners on b hold or are making, under the name
-// they hold, are not delivered (deliver); the listings are, whole.
+// listing may report one interface twice, and w must not mind.
 //
 // The watch never goes deaf. When events arrive faster than w takes them
 // (a daemon stopped with SIGSTOP during a burst of `ip tuntap add`), the
@@ -184,20 +180,10 @@ func (b *Linux) receive(done <-chan struct{}, w Watcher, s *nl.NetlinkSocket) er
 	}
 }
 
-// deliver hands one message of the subscription to w, but for a link
-// event that concerns nothing new to the cloners on b (holdSet.quiet):
-// the events of a clone's own create (TUNSETIFF, the alias), and state
-// changes of interfaces the cloners hold. Those are
-// dropped reading only the ifindex and the name, without decoding the
-// link and without LinkAppeared, which would wait on the cloner's lock
-// that the create holds.
+// deliver hands one message of the subscription to w.
 func (b *Linux) deliver(w Watcher, m syscall.NetlinkMessage) {
 	switch m.Header.Type {
 	case unix.RTM_NEWLINK:
-		if index, name, ok := linkEventName(m.Data); ok && b.hold.quiet(index, name) {
-			b.skips.Add(1)
-			return
-		}
 		hdr := unix.NlMsghdr(m.Header)
 		link, err := netlink.LinkDeserialize(&hdr, m.Data)
 		if err != nil {
@@ -210,35 +196,6 @@ func (b *Linux) deliver(w Watcher, m syscall.NetlinkMessage) {
 			w.Deleted(int(nl.DeserializeIfInfomsg(m.Data).Index))
 		}
 	}
-}
-
-// linkEventName reads the ifindex (ifinfomsg) and the name (IFLA_IFNAME,
-// without its NUL) of a link message's payload; ok is false if either
-// is missing or the message is malformed.
-func linkEventName(data []byte) (index int, name []byte, ok bool) {
-	if len(data) < unix.SizeofIfInfomsg {
-		return 0, nil, false
-	}
-	index = int(nl.DeserializeIfInfomsg(data).Index)
-	for a := data[unix.SizeofIfInfomsg:]; len(a) >= unix.SizeofRtAttr; {
-		n := int(binary.NativeEndian.Uint16(a[0:2]))
-		if n < unix.SizeofRtAttr || n > len(a) {
-			return 0, nil, false
-		}
-		if binary.NativeEndian.Uint16(a[2:4])&nl.NLA_TYPE_MASK == unix.IFLA_IFNAME {
-			v := a[unix.SizeofRtAttr:n]
-			if i := bytes.IndexByte(v, 0); i >= 0 {
-				v = v[:i]
-			}
-			return index, v, len(v) > 0
-		}
-		n = (n + unix.RTA_ALIGNTO - 1) &^ (unix.RTA_ALIGNTO - 1)
-		if n >= len(a) {
-			break
-		}
-		a = a[n:]
-	}
-	return 0, nil, false
 }
 
 // resync reconciles w with a full dump of the namespace's interfaces:

@@ -47,7 +47,6 @@ type watchEnv struct {
 	mu     sync.Mutex
 	errs   []error
 	awaits map[string]chan struct{} // interface names whose Appeared a barrier waits for
-	seen   []LinkInfo               // every Appeared, in order
 }
 
 // wtNetns makes a network namespace (ip netns add) for the test, deleted
@@ -94,7 +93,6 @@ func newWatchEnv(t *testing.T) *watchEnv {
 			e.tun.LinkAppeared(info)
 			e.tap.LinkAppeared(info)
 			e.mu.Lock()
-			e.seen = append(e.seen, info)
 			if ch := e.awaits[info.Name]; ch != nil {
 				close(ch)
 				delete(e.awaits, info.Name)
@@ -605,131 +603,5 @@ func TestLinuxWatchStopsWhileResubscribing(t *testing.T) {
 	}
 	if d := time.Since(start); d > 200*time.Millisecond {
 		t.Errorf("the watch stopped %v after done, want under 200ms (its pause was 400ms)", d)
-	}
-}
-
-// heard lists the Appeared calls for ifindex index.
-func (e *watchEnv) heard(index int) []string {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	var names []string
-	for _, info := range e.seen {
-		if info.Index == index {
-			names = append(names, info.Name)
-		}
-	}
-	return names
-}
-
-// TestLinuxWatchDropsOnlyWhatNothingNew is the watch's filter of its
-// cloners' own events (holdSet.quiet). In force: the events of a clone's
-// create (TUNSETIFF, the alias) and of an outside `ip link set up` and
-// down of the interface are dropped, counted, and never reach Appeared.
-// Still heard: an outside rename of the interface cdevfs made; an outside
-// `ip tuntap add`; the rename of an adopted interface, whose node moves;
-// and an interface added outside under the very name a clone is making,
-// whose event is dropped while the create runs: the create fails with
-// EEXIST, looks the name up itself and adopts it, and the clone node
-// hands out the next unit.
-func TestLinuxWatchDropsOnlyWhatNothingNew(t *testing.T) {
-	e := newWatchEnv(t)
-	ctx := context.Background()
-	before := e.b.skips.Load()
-	n, err := e.reg.Lookup(ctx, "tun0")
-	if err != nil {
-		t.Fatalf("Lookup(tun0) = %v, want a new interface", err)
-	}
-	mine := n.Device().(*device).link.Index()
-	n.Rel()
-	if err := e.out.nl.LinkSetUp(e.link(mine)); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.out.nl.LinkSetDown(e.link(mine)); err != nil {
-		t.Fatal(err)
-	}
-	adopted := e.add(t, "tun32", Tun)
-	e.barrier(t)
-	if got := e.heard(mine); len(got) > 0 {
-		t.Errorf("Appeared heard cdevfs's tun0 (ifindex %d) as %v: its create and up/down were not dropped", mine, got)
-	}
-	if got := e.b.skips.Load() - before; got < 3 {
-		t.Errorf("the watch dropped %d events of tun0's create and up/down, want at least 3", got)
-	}
-	if got := e.nodeIndex("tun32"); got != adopted {
-		t.Fatalf("node tun32 is ifindex %d, want the interface made outside, %d", got, adopted)
-	}
-
-	// Renames and an outside create, with tun0 and tun32 held.
-	e.rename(t, mine, "tun30")
-	outside := e.add(t, "tun31", Tun)
-	if err := e.out.nl.LinkSetUp(e.link(adopted)); err != nil {
-		t.Fatal(err)
-	}
-	e.rename(t, adopted, "tun33")
-	e.barrier(t)
-	if got := e.heard(mine); !slices.Equal(got, []string{"tun30"}) {
-		t.Errorf("Appeared heard cdevfs's tun0 as %v, want its rename to tun30 alone", got)
-	}
-	if got := e.nodeIndex("tun0"); got != mine {
-		t.Errorf("node tun0 is ifindex %d, want cdevfs's renamed interface, %d", got, mine)
-	}
-	if n, err := e.reg.Lookup(ctx, "tun30"); !errors.Is(err, syscall.EEXIST) {
-		if err == nil {
-			n.Rel()
-		}
-		t.Errorf("Lookup(tun30) = %v, want EEXIST (the kernel name is cdevfs's renamed tun0)", err)
-	}
-	if got := e.nodeIndex("tun31"); got != outside {
-		t.Errorf("node tun31 is ifindex %d, want the interface made outside, %d", got, outside)
-	}
-	if got, gone := e.nodeIndex("tun33"), e.nodeIndex("tun32"); got != adopted || gone != 0 {
-		t.Errorf("after the adopted tun32 was renamed tun33: node tun33 is ifindex %d (want %d), node tun32 is %d (want none)", got, adopted, gone)
-	}
-
-	// An outside create of the name the clone node is making: units 0,
-	// 31 and 33 are taken, so it makes tun1.
-	var taken int
-	tried := false
-	createStartHook = func(name string) {
-		if name != "tun1" || tried {
-			return // e.add's own create, or another unit
-		}
-		tried = true
-		skips := e.b.skips.Load()
-		taken = e.add(t, name, Tun)
-		for deadline := time.Now().Add(10 * time.Second); e.b.skips.Load() == skips; {
-			if time.Now().After(deadline) {
-				t.Errorf("the watch did not drop the event of tun1, made outside while cdevfs made it")
-				return
-			}
-			time.Sleep(time.Millisecond)
-		}
-	}
-	defer func() { createStartHook = nil }()
-	n, err = e.reg.Clone(ctx, "tun")
-	if err != nil {
-		t.Fatalf("Clone(tun) = %v", err)
-	}
-	defer func() {
-		_ = n.Close(ctx)
-		n.Rel()
-	}()
-	if n.Name() != "tun2" {
-		t.Errorf("the clone node made %s, want tun2 (tun1 was taken outside while it was made)", n.Name())
-	}
-	e.barrier(t)
-	if !tried {
-		t.Fatal("the clone node never tried to make tun1")
-	}
-	if got := e.nodeIndex("tun1"); got != taken {
-		t.Errorf("node tun1 is ifindex %d, want the interface made outside while cdevfs made tun1, %d", got, taken)
-	} else if n, err := e.reg.Get("tun1"); err == nil {
-		if !n.Device().(*device).foreign {
-			t.Errorf("tun1, made outside, was adopted as cdevfs's own")
-		}
-		n.Rel()
-	}
-	if errs := e.errors(); len(errs) > 0 {
-		t.Errorf("watch errors: %v", errs)
 	}
 }
