@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
-	"github.com/cdevfs/cdevfs/internal/fuseuring"
 	"github.com/cdevfs/cdevfs/metrics"
 	"github.com/cdevfs/cdevfs/transport"
 	"github.com/cdevfs/cdevfs/transport/devfuse"
@@ -158,11 +157,7 @@ func (m *Mount) startRings(o MountOptions) error {
 	case o.IOURing == IOURingOff:
 		return nil
 	case !m.conn.RingsAsked() && o.IOURing == IOURingOn:
-		why := uring.ErrNotOffered.Error()
-		if ok, w := fuseuring.Available(); !ok {
-			why = w
-		}
-		return fmt.Errorf("mount %s: --io-uring=on: %s", m.dir, why)
+		return fmt.Errorf("mount %s: --io-uring=on: %w", m.dir, uring.NotOffered())
 	case !m.conn.RingsAsked():
 		return nil
 	}

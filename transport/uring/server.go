@@ -153,5 +153,11 @@ func Probe() error {
 	return nil
 }
 
-// ErrNotOffered says the kernel did not offer FUSE over io_uring in INIT.
-var ErrNotOffered = errors.New("the kernel does not offer FUSE over io_uring")
+// NotOffered says why the kernel did not offer FUSE over io_uring in
+// INIT: the fuse module's parameter, if it says so.
+func NotOffered() error {
+	if ok, why := fuseuring.Available(); !ok {
+		return errors.New(why)
+	}
+	return errors.New("the kernel does not offer FUSE over io_uring")
+}
