@@ -13,24 +13,16 @@ import (
 
 	"github.com/cdevfs/cdevfs/internal/fusewire"
 	"github.com/cdevfs/cdevfs/transport"
+	"golang.org/x/sys/unix"
 )
 
 // Loop reads requests from /dev/fuse and writes their replies.
 //
-// Each idle reader waits in a blocking read(2) of /dev/fuse on a thread
-// of its own, as libfuse's workers do: the kernel wakes exactly one
-// waiting reader per request (an exclusive wait) and hands it the
-// request in that read. Through Go's poller instead, every request
-// costs the poller's thread a wakeup, a goroutine handoff and a read
-// that finds nothing (EAGAIN) before the reader parks again. A request
-// is handled on the reader that read it; when the last idle reader takes
-// a request a new one is started, so a handler blocked in a device read
-// never starves the loop (the kernel's INTERRUPT for it must still be
-// read).
-//
-// A blocked read(2) holds /dev/fuse open, so closing the fd no longer
-// ends the connection while a reader waits: the connection ends with its
-// unmount (the readers get ENODEV), or Stop aborts it.
+// /dev/fuse is opened nonblocking and read through Go's poller, so idle
+// readers are parked goroutines, not threads. A request is handled on the
+// goroutine that read it; when the last idle reader takes a request a new
+// one is started, so a handler blocked in a device read never starves the
+// loop (the kernel's INTERRUPT for it must still be read).
 type Loop struct {
 	c    *transport.Conn
 	bufs sync.Pool // request and reply buffers, one pair per reader
@@ -71,23 +63,20 @@ func (l *Loop) reader() {
 	defer l.bufs.Put(bp)
 	size := l.c.BufSize()
 	in, out := (*bp)[:size], (*bp)[size:]
-	rc, err := l.c.Dev().SyscallConn()
-	if err != nil {
-		l.idle.Add(-1)
-		l.c.End(fmt.Errorf("read /dev/fuse: %w", err))
-		return
-	}
+	dev := l.c.Dev()
 	for {
-		// Control holds the fd open (not its number only) while the
-		// read waits: Close defers the close(2) until the read returns,
-		// so the number is never reused under a reader.
-		var n int
-		var rerr error
-		if err := rc.Control(func(fd uintptr) { n, rerr = syscall.Read(int(fd), in) }); err != nil {
-			rerr = err // closed
+		n, err := dev.Read(in)
+		if err != nil && readOutcome(err) == readFailed {
+			// Go's poller says "not pollable" when epoll reported
+			// EPOLLERR for the fd before the reader waited, and
+			// /dev/fuse reports EPOLLERR once the connection is gone
+			// (fuse_dev_poll): an unmount racing a reader that had just
+			// found nothing to read. A read of our own gives the errno
+			// (ENODEV then) or the request.
+			n, err = readRaw(dev, in)
 		}
-		if rerr != nil {
-			switch readOutcome(rerr) {
+		if err != nil {
+			switch readOutcome(err) {
 			case readAgain:
 				continue
 			case readEnded:
@@ -96,7 +85,7 @@ func (l *Loop) reader() {
 				return
 			default:
 				l.idle.Add(-1)
-				l.c.End(fmt.Errorf("read /dev/fuse: %w", rerr))
+				l.c.End(fmt.Errorf("read /dev/fuse: %w", err))
 				return
 			}
 		}
@@ -140,4 +129,22 @@ func readOutcome(err error) int {
 		return readEnded
 	}
 	return readFailed
+}
+
+// readRaw reads one request from dev with read(2) itself, past Go's
+// poller; EAGAIN if there is none.
+func readRaw(dev *os.File, in []byte) (int, error) {
+	rc, err := dev.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var rerr error
+	if err := rc.Control(func(fd uintptr) { n, rerr = unix.Read(int(fd), in) }); err != nil {
+		return 0, err // closed
+	}
+	if rerr != nil {
+		return 0, rerr
+	}
+	return n, nil
 }
