@@ -21,7 +21,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"flag"
@@ -36,10 +35,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
-	"github.com/cdevfs/cdevfs/bsdtun"
 	"golang.org/x/sys/unix"
 )
 
@@ -138,123 +135,6 @@ func reexec(c *config) int {
 	}
 	return 0
 }
-
-// daemon is a running `cdevfs mount`.
-type daemon struct {
-	cmd  *exec.Cmd
-	dir  string
-	mu   sync.Mutex
-	logb bytes.Buffer
-}
-
-func startDaemon(bin, dir, iouring string) (*daemon, error) {
-	d := &daemon{dir: dir}
-	d.cmd = exec.Command(bin, "mount", "--log-level", "warn", "--io-uring", iouring, dir)
-	stderr, err := d.cmd.StderrPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := d.cmd.Start(); err != nil {
-		return nil, err
-	}
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			d.mu.Lock()
-			if d.logb.Len() < 1<<20 {
-				d.logb.WriteString(sc.Text() + "\n")
-			}
-			d.mu.Unlock()
-		}
-	}()
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) {
-		if b, _ := os.ReadFile("/proc/self/mountinfo"); bytes.Contains(b, []byte(" "+dir+" ")) {
-			if _, err := os.Stat(filepath.Join(dir, "tun")); err == nil {
-				return d, nil
-			}
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	d.cmd.Process.Kill()
-	return nil, fmt.Errorf("cdevfs did not serve %s within 20s:\n%s", dir, d.log())
-}
-
-func (d *daemon) log() string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.logb.String()
-}
-
-// rssKiB is the daemon's resident set size.
-func rssKiB(pid int) (int, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
-			return strconv.Atoi(f[1])
-		}
-	}
-	return 0, errors.New("no VmRSS")
-}
-
-// stop kills the daemon and detaches its mount. A SIGTERM would make
-// cdevfs delete every interface it created, one netlink request each
-// (~16 ms apiece: minutes for 10,000); the private network namespace
-// takes them all with it instead.
-func (d *daemon) stop() {
-	d.cmd.Process.Kill()
-	d.cmd.Wait()
-	_ = unix.Unmount(d.dir, unix.MNT_DETACH)
-}
-
-// tunOpen opens /dev/net/tun (blocking) and binds it with TUNSETIFF.
-func tunOpen(name string, flags uint16) (int, error) {
-	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return -1, err
-	}
-	ifr, err := unix.NewIfreq(name)
-	if err != nil {
-		unix.Close(fd)
-		return -1, err
-	}
-	ifr.SetUint16(flags)
-	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("TUNSETIFF %s: %w", name, err)
-	}
-	return fd, nil
-}
-
-// gifname asks a cdevfs device for its interface name (TUNGIFNAME).
-func gifname(fd int) (string, error) {
-	var ifr [bsdtun.IfreqSize]byte
-	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(bsdtun.TUNGIFNAME), uintptr(unsafePointer(&ifr[0]))); e != 0 {
-		return "", e
-	}
-	return unix.ByteSliceToString(ifr[:16]), nil
-}
-
-func ip(args ...string) error {
-	out, err := exec.Command("ip", args...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
-	}
-	return nil
-}
-
-// configure gives interface name the address local/24 and brings it up.
-func configure(name string, local netip.Addr) error {
-	if err := ip("addr", "add", local.String()+"/24", "dev", name); err != nil {
-		return err
-	}
-	return ip("link", "set", name, "up")
-}
-
-func sysctl(path, v string) { _ = os.WriteFile("/proc/sys/"+path, []byte(v), 0o644) }
 
 // openRetry opens path, retrying while the node is busy (EBUSY) or the
 // open was interrupted (EINTR: an open waiting for a closing holder ends
@@ -680,104 +560,3 @@ func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 }
 func newPacketsFor(peer, local netip.Addr, size int) *packets {
 	return newPackets(&link{peer: peer, local: local}, size)
 }
-
-func printHeader(w io.Writer, c *config, notes []string) {
-	model := "unknown CPU"
-	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
-		for _, l := range strings.Split(string(b), "\n") {
-			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
-				model = strings.TrimSpace(v)
-				break
-			}
-		}
-	}
-	var u unix.Utsname
-	_ = unix.Uname(&u)
-	fmt.Fprintf(w, "cdevbench: nproc %d, %s, kernel %s, %s; rounds %d, duration %v per pipelined row, clones %d, open/close %d\n",
-		runtime.NumCPU(), model, unix.ByteSliceToString(u.Release[:]), runtime.Version(), c.rounds, c.duration, c.clones, c.openClose)
-	for _, n := range notes {
-		fmt.Fprintln(w, n)
-	}
-}
-
-// row is one line of the table. native < 0, or an extra column's value
-// missing or < 0, means "no such measurement"; naN means the measurement
-// cannot be made here ("n/a"). extra holds the extra columns (the minimal
-// relays) in order. lower says smaller is better (the ratio is still
-// cdevfs/native).
-type row struct {
-	name           string
-	unit           string
-	native, cdevfs float64
-	extra          []float64
-	lower          bool
-	target         any // a string, or a bool saying whether the target applies
-	targetText     string
-	ok             func(native, cdevfs float64) bool
-}
-
-type results struct{ rows []row }
-
-func (r *results) add(rw row) { r.rows = append(r.rows, rw) }
-
-// naN marks a value that cannot be measured here.
-const naN = -2
-
-func num(v float64) string {
-	switch {
-	case v == naN:
-		return "n/a"
-	case v < 0:
-		return "-"
-	case v >= 1000:
-		return strconv.FormatFloat(v, 'f', 0, 64)
-	case v >= 10:
-		return strconv.FormatFloat(v, 'f', 1, 64)
-	}
-	return strconv.FormatFloat(v, 'f', 2, 64)
-}
-
-func (r *results) print(w io.Writer, cols []string) {
-	width := 0
-	for _, rw := range r.rows {
-		width = max(width, len([]rune(rw.name)))
-	}
-	pad := func(s string) string { return s + strings.Repeat(" ", width-len([]rune(s))) }
-	head := fmt.Sprintf("%s  %12s  %12s  %7s", pad("metric"), "native", "cdevfs", "ratio")
-	for _, c := range cols {
-		head += fmt.Sprintf("  %12s", c)
-	}
-	fmt.Fprintln(w, head+"  target")
-	for _, rw := range r.rows {
-		ratio := "-"
-		if rw.native > 0 && rw.cdevfs >= 0 {
-			ratio = strconv.FormatFloat(rw.cdevfs/rw.native, 'f', 2, 64)
-		}
-		line := fmt.Sprintf("%s  %12s  %12s  %7s", pad(rw.name), num(rw.native), num(rw.cdevfs), ratio)
-		for i := range cols {
-			v := -1.0
-			if i < len(rw.extra) {
-				v = rw.extra[i]
-			}
-			line += fmt.Sprintf("  %12s", num(v))
-		}
-		tt := rw.targetText
-		applies := false
-		switch t := rw.target.(type) {
-		case string:
-			tt, applies = t, true
-		case bool:
-			applies = t
-		}
-		if applies && rw.ok != nil {
-			verdict := "MISSED"
-			if rw.ok(rw.native, rw.cdevfs) {
-				verdict = "met"
-			}
-			line += fmt.Sprintf("  %s %s", tt, verdict)
-		}
-		fmt.Fprintln(w, strings.TrimRight(line, " "))
-	}
-}
-
-var _ = syscall.EINTR
