@@ -169,8 +169,14 @@ func Opcode(b []byte) uint32 {
 // Out is the out header of reply b.
 func Out(b []byte) *fuse.OutHeader { return View[fuse.OutHeader](b) }
 
-// OutBody is the body of reply b, after its out header, as a *T.
-func OutBody[T any](b []byte) *T { return View[T](b[OutHeaderSize:]) }
+// OutBody is the body of reply b, after its out header, as a *T, or nil
+// if b is too short to hold one.
+func OutBody[T any](b []byte) *T {
+	if len(b) < OutHeaderSize {
+		return nil
+	}
+	return View[T](b[OutHeaderSize:])
+}
 
 // Reply writes into out the header of a reply to the request with
 // unique: errno (0 for success) and a body of bodyLen bytes, which the
