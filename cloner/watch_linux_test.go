@@ -15,7 +15,6 @@ import (
 	"os"
 	"os/exec"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,6 +23,7 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/testenv"
 	"github.com/vishvananda/netlink"
 )
 
@@ -299,21 +299,7 @@ func wtNetlinkDrops(t *testing.T, b *Linux) int {
 	}); err != nil {
 		t.Fatalf("read the namespace's /proc/net/netlink: %v", err)
 	}
-	// sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
-	drops := 0
-	for _, line := range strings.Split(string(table), "\n")[1:] {
-		f := strings.Fields(line)
-		if len(f) < 10 || f[1] != "0" { // NETLINK_ROUTE
-			continue
-		}
-		groups, err := strconv.ParseUint(f[3], 16, 32)
-		if err != nil || groups&(1<<(syscall.RTNLGRP_LINK-1)) == 0 {
-			continue
-		}
-		n, _ := strconv.Atoi(f[8])
-		drops += n
-	}
-	return drops
+	return testenv.LinkEventDrops(table)
 }
 
 // nodeIndex is the ifindex of the node name's interface, or 0 if there

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cdevfs/cdevfs/internal/testenv"
 )
 
 // TestWatchResyncsAfterSIGSTOP is issue 21's report: the daemon stopped
@@ -124,19 +126,5 @@ func (d *daemon) netlinkDrops(t *testing.T) int {
 	if err != nil {
 		t.Fatalf("/proc/net/netlink of the daemon's namespace: %v\n%s", err, out)
 	}
-	// sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
-	drops := 0
-	for _, line := range strings.Split(string(out), "\n")[1:] {
-		f := strings.Fields(line)
-		if len(f) < 10 || f[1] != "0" { // NETLINK_ROUTE
-			continue
-		}
-		groups, err := strconv.ParseUint(f[3], 16, 32)
-		if err != nil || groups&(1<<(syscall.RTNLGRP_LINK-1)) == 0 {
-			continue
-		}
-		n, _ := strconv.Atoi(f[8])
-		drops += n
-	}
-	return drops
+	return testenv.LinkEventDrops(out)
 }
