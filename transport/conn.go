@@ -367,11 +367,19 @@ func (c *Conn) identify(open []byte, fh uint64) {
 	}
 	var buf [sizeofIoctlIn]byte
 	req := fusewire.View[fuse.IoctlIn](buf[:])
-	req.InHeader = *fusewire.Header(open) // unique, nodeid, caller
-	req.Length, req.Opcode, req.TotalExtlen = uint32(len(buf)), fusewire.OpIoctl, 0
+	req.InHeader = headerFor(open, fusewire.OpIoctl, len(buf))
 	req.Fh, req.Cmd, req.Arg = fh, IdentifyCmd, fh
 	var rep [fusewire.OutHeaderSize + sizeofIoctlOut]byte
 	_, _ = c.ps.HandleRequest([][]byte{buf[:]}, [][]byte{rep[:]})
+}
+
+// headerFor is the header of a request of size bytes the daemon makes
+// for the kernel's request in: in's unique, nodeid and caller, the opcode
+// op, and no extensions (in's are not copied).
+func headerFor(in []byte, op uint32, size int) fuse.InHeader {
+	h := *fusewire.Header(in)
+	h.Length, h.Opcode, h.TotalExtlen = uint32(size), op, 0
+	return h
 }
 
 func isIdentify(in []byte) bool {

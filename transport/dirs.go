@@ -111,12 +111,3 @@ func (d handlelessDirs) release(in []byte, fh uint64) {
 	var rep [fusewire.OutHeaderSize]byte
 	_, _ = d.c.ServeGoFuse(req[:], rep[:])
 }
-
-// headerFor is the header of a request of size bytes the daemon makes
-// for the kernel's request in: in's unique, nodeid and caller, the opcode
-// op, and no extensions (in's are not copied).
-func headerFor(in []byte, op uint32, size int) fuse.InHeader {
-	h := *fusewire.Header(in)
-	h.Length, h.Opcode, h.TotalExtlen = uint32(size), op, 0
-	return h
-}

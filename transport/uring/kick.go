@@ -149,8 +149,8 @@ func (k *kicker) fetched(i int, o *kickOut) {
 	}
 }
 
-// answered records that kick o, in entry i, is being answered, and says
-// whether the round goes on (a next kick is due).
+// answered records that kick o, in entry i, is being answered, and
+// whether the round goes on: a next kick is then due (due).
 func (k *kicker) answered(i int, o *kickOut) {
 	o.answered = true
 	// Whether the last kick's commit fetched a request is known only once

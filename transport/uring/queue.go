@@ -160,7 +160,7 @@ func (q *queue) run(started chan<- error) {
 	log := q.s.c.Log()
 	for {
 		q.armWake() // before every wait: setup's reap may have taken it
-		if err := q.enter(true); err != nil {
+		if err := q.q.Ring.Enter(true); err != nil {
 			q.fail(err)
 			break
 		}
@@ -173,7 +173,7 @@ func (q *queue) run(started chan<- error) {
 			// daemon's close order) none is left; in a test's lazy
 			// unmount there may be: the device is going away.
 			q.unparkAll(syscall.ENXIO)
-			if err := q.enter(false); err != nil {
+			if err := q.q.Ring.Enter(false); err != nil {
 				log.Error("FUSE io_uring queue", "queue", q.qid, "err", err)
 			}
 		}
@@ -183,7 +183,7 @@ func (q *queue) run(started chan<- error) {
 		if q.kicks.due(q.handedOff + q.parks.count) {
 			// Only once the entries added are in the kernel: a kick
 			// that finds none free is stranded itself.
-			if err := q.enter(false); err != nil {
+			if err := q.q.Ring.Enter(false); err != nil {
 				q.fail(err)
 				break
 			}
@@ -207,9 +207,6 @@ func (q *queue) countHeld(n int) {
 		q.held = n
 	}
 }
-
-// enter submits, and waits if wait (fuseuring.Ring.Enter).
-func (q *queue) enter(wait bool) error { return q.q.Ring.Enter(wait) }
 
 // fail ends the queue's loop on an error of its ring. The kernel still
 // puts the requests of the queue's CPU on it, and nothing would answer
