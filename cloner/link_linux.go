@@ -27,14 +27,15 @@ type linuxLink struct {
 	flags   uint16 // TUNSETIFF flags that attach without changing tun_flags
 	foreign bool   // not made by this cdevfs: never set down or deleted
 
-	// readSem lets one reader at a time block in f.Read, so a deadline set
+	// readSem lets one reader at a time block in Read, so a deadline set
 	// to wake it (interrupt or revoke) can only hit that reader.
 	readSem chan struct{}
 	woken   chan struct{} // closed by Wake
 	wake    sync.Once
 
-	mu       sync.Mutex // guards f, pollWake, watchFd
-	f        *os.File   // attached fd while open, nil while closed
+	mu       sync.Mutex // guards f, waiting, pollWake, watchFd
+	f        *os.File   // attached fd while open, nil while closed; not in Go's poller
+	waiting  *os.File   // the blocked Read's pollable dup of f, nil when none waits
 	pollWake func()     // the poller's wake, set by Watch
 	watchFd  int        // the fd in the backend's epoll set, or -1
 
@@ -140,6 +141,7 @@ func (l *linuxLink) Detach() error {
 	f := l.f
 	l.setFile(nil)
 	l.unwatchLocked()
+	l.wakeReaderLocked()
 	l.mu.Unlock()
 	var err error
 	if !l.foreign && l.index > 0 {
@@ -160,11 +162,12 @@ func (l *linuxLink) Detach() error {
 
 var longAgo = time.Unix(1, 0)
 
-// Read implements Link. A blocked read waits in Go's poller; to end it
-// early (FUSE interrupt, revoke) the waker first records why (ctx done,
-// woken closed) and then sets a read deadline in the past. The reader
-// clears the deadline before it checks why, so a wake that lands between
-// the check and the read still ends the read.
+// Read implements Link. A blocked read waits in Go's poller, on a dup of
+// the fd (pollable); to end it early (FUSE interrupt, revoke, detach)
+// the waker first records why (ctx done, woken closed, fd gone) and then
+// sets a read deadline in the past. The reader clears the deadline
+// before it checks why, so a wake that lands between the check and the
+// read still ends the read.
 func (l *linuxLink) Read(ctx context.Context, p []byte, nonblock bool) (int, error) {
 	select {
 	case <-l.woken:
@@ -189,10 +192,23 @@ func (l *linuxLink) Read(ctx context.Context, p []byte, nonblock bool) (int, err
 		return 0, syscall.EINTR
 	}
 	defer func() { <-l.readSem }()
-	stop := context.AfterFunc(ctx, func() { _ = f.SetReadDeadline(longAgo) })
+	pf, err := pollable(f)
+	if err != nil {
+		return 0, err
+	}
+	l.mu.Lock()
+	l.waiting = pf
+	l.mu.Unlock()
+	defer func() {
+		l.mu.Lock()
+		l.waiting = nil
+		l.mu.Unlock()
+		pf.Close()
+	}()
+	stop := context.AfterFunc(ctx, func() { _ = pf.SetReadDeadline(longAgo) })
 	defer stop()
 	for {
-		_ = f.SetReadDeadline(time.Time{})
+		_ = pf.SetReadDeadline(time.Time{})
 		select {
 		case <-l.woken:
 			return 0, ErrRevoked
@@ -201,7 +217,10 @@ func (l *linuxLink) Read(ctx context.Context, p []byte, nonblock bool) (int, err
 		if ctx.Err() != nil {
 			return 0, syscall.EINTR
 		}
-		n, err := f.Read(p)
+		if l.ReadFD() < 0 {
+			return 0, l.detachedErr() // Detach or Close
+		}
+		n, err := pf.Read(p)
 		switch {
 		case err == nil:
 			return n, nil
@@ -212,7 +231,7 @@ func (l *linuxLink) Read(ctx context.Context, p []byte, nonblock bool) (int, err
 			return 0, ErrGone
 		case errors.Is(err, os.ErrClosed):
 			return 0, ErrRevoked
-		case l.gone(f):
+		case l.gone(pf):
 			// Once the interface is unregistered tun's poll reports
 			// only EPOLLERR, and Go's poller then fails reads with
 			// "not pollable" without making the syscall.
@@ -221,6 +240,27 @@ func (l *linuxLink) Read(ctx context.Context, p []byte, nonblock bool) (int, err
 			return 0, err
 		}
 	}
+}
+
+// pollable returns a dup of f's descriptor that Go's poller waits on, for
+// a read or write that must wait (f itself is kept out of the poller:
+// Linux.tunSetIff). The caller closes it when the wait is over, which
+// takes it out of the poller's epoll set.
+func pollable(f *os.File) (*os.File, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, ErrRevoked
+	}
+	dfd, derr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) { dfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, ErrRevoked
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("cloner: dup of %s: %w", f.Name(), derr)
+	}
+	// O_NONBLOCK is the open file's, so the dup has it and os.NewFile
+	// hands it to the poller.
+	return os.NewFile(uintptr(dfd), f.Name()), nil
 }
 
 // gone tells whether the kernel has deleted our interface: the fd has
@@ -302,7 +342,12 @@ func (l *linuxLink) Write(ctx context.Context, p []byte) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	n, err = f.Write(p)
+	pf, err := pollable(f)
+	if err != nil {
+		return 0, err
+	}
+	defer pf.Close()
+	n, err = pf.Write(p)
 	switch {
 	case err == nil:
 		return n, nil
@@ -323,9 +368,7 @@ func (l *linuxLink) Write(ctx context.Context, p []byte) (int, error) {
 func (l *linuxLink) Wake() {
 	l.wake.Do(func() { close(l.woken) })
 	l.mu.Lock()
-	if l.f != nil {
-		_ = l.f.SetReadDeadline(longAgo)
-	}
+	l.wakeReaderLocked()
 	w := l.pollWake
 	l.mu.Unlock()
 	if w != nil {
@@ -390,6 +433,14 @@ func (l *linuxLink) onReady() {
 	}
 }
 
+// wakeReaderLocked ends the wait of a blocked Read, which then looks
+// again at why it should stop. Called with l.mu held.
+func (l *linuxLink) wakeReaderLocked() {
+	if l.waiting != nil {
+		_ = l.waiting.SetReadDeadline(longAgo)
+	}
+}
+
 // unwatchLocked takes the fd out of the epoll set before it is closed.
 // Called with l.mu held.
 func (l *linuxLink) unwatchLocked() {
@@ -442,6 +493,7 @@ func (l *linuxLink) Close() error {
 	f := l.f
 	l.setFile(nil)
 	l.unwatchLocked()
+	l.wakeReaderLocked()
 	l.mu.Unlock()
 	if f != nil {
 		return f.Close()

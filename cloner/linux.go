@@ -147,9 +147,8 @@ func kindFlags(k Kind) uint16 {
 	return unix.IFF_TUN | unix.IFF_NO_PI
 }
 
-// openTun opens /dev/net/tun nonblocking (reads go through Go's poller,
-// so a blocked read holds no thread). A tun fd belongs to the namespace of
-// the thread that opens it, and TUNSETIFF makes the interface there.
+// openTun opens /dev/net/tun. A tun fd belongs to the namespace of the
+// thread that opens it, and TUNSETIFF makes the interface there.
 func (b *Linux) openTun() (int, error) {
 	b.mu.RLock() // b.ns stays open
 	defer b.mu.RUnlock()
@@ -157,7 +156,7 @@ func (b *Linux) openTun() (int, error) {
 		return -1, errClosed
 	}
 	return b.inNetns(func() (int, error) {
-		return unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+		return unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	})
 }
 
@@ -208,7 +207,19 @@ func (b *Linux) tunSetIff(name string, flags uint16) (*os.File, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("TUNSETIFF %s: %w", name, err)
 	}
-	return os.NewFile(uintptr(fd), "tun:"+name), nil
+	// The file is made while the fd blocks, so Go's poller does not take
+	// it, and only then made nonblocking (a read of an empty queue must
+	// answer EAGAIN). A tun fd in an epoll set costs every packet queued
+	// on it a wakeup of the poller's thread (tun_net_xmit wakes the
+	// socket's waiters, ep_poll_callback the epoll's), whether or not
+	// anyone waits. A read or write that must wait polls a dup of the fd
+	// for the wait's length (linuxLink.pollable).
+	f := os.NewFile(uintptr(fd), "tun:"+name)
+	if err := unix.SetNonblock(fd, true); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("tun %s: O_NONBLOCK: %w", name, err)
+	}
+	return f, nil
 }
 
 // createHook, if set, runs in Create once the interface is made and

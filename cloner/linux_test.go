@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -415,8 +416,9 @@ func TestLinuxReadInterruptedByContext(t *testing.T) {
 
 // A cancel that lands while a Read is returning a packet still runs the
 // AfterFunc that sets the read deadline to wake the reader; it then finds
-// nobody to wake and the deadline stays set. The next blocking Read clears
-// it, and a nonblocking Read must not mistake it for a revoke.
+// nobody to wake. The deadline lands on the dup that the Read waited on
+// (pollable), which the Read closes: later Reads, blocking or not, must
+// not mistake it for a revoke.
 func TestLinuxReadAfterLateInterrupt(t *testing.T) {
 	b := ltRequireNetns(t)
 	const name, local, peer = "tun110", "198.18.3.1", "198.18.3.2"
@@ -428,9 +430,14 @@ func TestLinuxReadAfterLateInterrupt(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := f.SetReadDeadline(longAgo); err != nil {
+		pf, err := pollable(f)
+		if err != nil {
 			t.Fatal(err)
 		}
+		if err := pf.SetReadDeadline(longAgo); err != nil {
+			t.Fatal(err)
+		}
+		pf.Close()
 	}
 
 	late()
@@ -884,5 +891,32 @@ func TestLinuxCreateRacingDeleteOrRename(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// The attached tun fd is in no epoll set until a read must wait: a tun
+// fd in one costs every packet queued on it a wakeup of the epoll's
+// waiter (Go's poller thread), whether anyone waits or not.
+func TestLinuxTunFdNotPolled(t *testing.T) {
+	b := ltRequireNetns(t)
+	l := ltCreate(t, b, "tun111", Tun, true)
+	fd := l.(*linuxLink).ReadFD()
+	if fd < 0 {
+		t.Fatal("the created link has no fd")
+	}
+	// An epoll fd's fdinfo lists each fd in its set as "tfd: N".
+	infos, err := filepath.Glob("/proc/self/fdinfo/*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("tfd: %8d ", fd)
+	for _, info := range infos {
+		b, err := os.ReadFile(info)
+		if err != nil {
+			continue // closed meanwhile
+		}
+		if strings.Contains(string(b), want) {
+			t.Errorf("the tun fd %d is in the epoll set of fd %s; want it in none", fd, filepath.Base(info))
+		}
 	}
 }
