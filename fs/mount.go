@@ -134,8 +134,12 @@ func mount(dir string, root *Root, o MountOptions) (*Mount, error) {
 	root.metrics = o.Metrics
 	m.inval = newInvalidator(&root.Inode, o.Log)
 	root.inval.Store(m.inval)
-	root.mount.Store(m)
-	m.loop = devfuse.Start(m.conn)
+	if m.loop, err = devfuse.Start(m.conn); err != nil {
+		m.Unmount()
+		dev.Close()
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	root.mount.Store(m) // after loop is set: revoked reads it
 	select {
 	case <-m.conn.Inited():
 	case <-time.After(10 * time.Second):
@@ -211,9 +215,11 @@ func newProtocolServer(dev *os.File, root *Root, o MountOptions) (*fuse.Protocol
 	return fuse.NewProtocolServer(raw, &mo), notifier
 }
 
-// revoked tells the transport that n's device was revoked: READs its
-// queues hold waiting for n's packets must end (uring.Server.Revoked).
+// revoked tells the transports that n's device was revoked: READs they
+// hold waiting for n's packets must end (devfuse.Loop.Revoked,
+// uring.Server.Revoked).
 func (m *Mount) revoked(n *devnode.Node) {
+	m.loop.Revoked(n.Ino())
 	if s := m.rings.Load(); s != nil {
 		s.Revoked(n.Ino())
 	}
@@ -282,24 +288,59 @@ func (m *Mount) Unmount() error {
 	return nil
 }
 
-// Close closes /dev/fuse, which aborts the connection, and waits for the
-// transports to stop. Call it after Unmount, last.
+// Close ends the connection and waits for the transports to stop. Call
+// it after Unmount, last.
 //
-// The io_uring queues stop first: each ring holds /dev/fuse as a fixed
-// file, so closing the fd ends the connection only once the rings are
-// closed too. After a plain unmount they have stopped already (the
-// kernel gave their entries back).
+// After a plain unmount the kernel has ended the connection already.
+// Otherwise (a lazy unmount with files still open, a failed io_uring
+// queue) closing /dev/fuse would not end it: each reader blocked in
+// read(2) holds the file open, and so does each ring, as a fixed file.
+// So the queues are stopped, which closes their rings, and the
+// connection is aborted through fusectl (devfuse.Abort). Where that is
+// refused (a daemon without CAP_SYS_ADMIN in the initial user
+// namespace), readers still blocked are left to end with the mount's
+// last file or the process.
 func (m *Mount) Close() {
 	m.inval.stop() // before the fd goes: the invalidator writes to it
 	s := m.rings.Load()
 	if s != nil {
 		s.Stop()
 	}
+	abortErr := m.abortIfServed()
 	m.conn.Dev().Close()
 	if s != nil {
 		s.Wait()
 	}
-	m.loop.Wait()
+	if abortErr == nil {
+		m.loop.Wait()
+		return
+	}
+	select {
+	case <-m.loop.Stopped():
+	case <-time.After(closeWait):
+		m.conn.Log().Warn("FUSE readers still waiting on a connection that could not be aborted; they end with the mount's last open file",
+			"mountpoint", m.dir, "err", abortErr)
+	}
+}
+
+// closeWait bounds Close's wait for readers of a connection it could not
+// abort, which may have ended all the same.
+const closeWait = 2 * time.Second
+
+// abortIfServed aborts the connection unless the kernel ended it.
+func (m *Mount) abortIfServed() error {
+	select {
+	case <-m.conn.Ended():
+		if m.conn.Err() == nil {
+			return nil // the kernel ended it: the readers have ENODEV
+		}
+	default:
+	}
+	var major, minor uint32
+	if _, err := fmt.Sscanf(m.devno, "%d:%d", &major, &minor); err != nil {
+		return fmt.Errorf("the mount's device %q: %w", m.devno, err)
+	}
+	return devfuse.Abort(major, minor)
 }
 
 func extraCaps(u IOURing) uint64 {

@@ -6,37 +6,70 @@ package devfuse
 import (
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
 
 	"github.com/cdevfs/cdevfs/internal/fusewire"
 	"github.com/cdevfs/cdevfs/transport"
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
 
 // Loop reads requests from /dev/fuse and writes their replies.
 //
-// /dev/fuse is opened nonblocking and read through Go's poller, so idle
-// readers are parked goroutines, not threads. A request is handled on the
-// goroutine that read it; when the last idle reader takes a request a new
-// one is started, so a handler blocked in a device read never starves the
-// loop (the kernel's INTERRUPT for it must still be read).
+// Each idle reader waits in a blocking read(2) of /dev/fuse on a thread
+// of its own, as libfuse's workers do: the kernel wakes exactly one
+// waiting reader per request (fuse_dev_do_read's exclusive wait) and
+// hands it the request in that read. Through Go's poller instead, every
+// request would cost the poller's thread a wakeup, a goroutine handoff
+// and a read that finds nothing (EAGAIN) before the reader parks again.
+// A request is handled on the reader that read it; when the last idle
+// reader takes a request a new one is started, so a handler that waits
+// (a READ for a packet, wait.go) never starves the loop: the kernel's
+// INTERRUPT for it must still be read.
+//
+// The readers read and write a dup of the connection's fd that the Loop
+// closes once they have all stopped, so its number is never reused under
+// one. A blocked read(2) holds /dev/fuse open, so closing the fd does not
+// end the readers: the connection's end does (an unmount, or an abort,
+// which fs.Mount.Close makes), and they get ENODEV.
 type Loop struct {
 	c    *transport.Conn
+	fd   int       // the loop's dup of /dev/fuse, closed once every reader stopped
 	bufs sync.Pool // request and reply buffers, one pair per reader
 
 	idle    atomic.Int32   // readers waiting in read(2)
 	readers sync.WaitGroup // every reader
+	stopped chan struct{}  // closed once every reader stopped and fd is closed
+	waits   waits          // blocking READs waiting on their reader's thread (wait.go)
 }
 
 // maxIdleReaders bounds the readers kept waiting once a burst is over.
 const maxIdleReaders = 4
 
-// Start starts serving c's requests from its /dev/fuse fd.
-func Start(c *transport.Conn) *Loop {
-	l := &Loop{c: c}
+// BlockedThreads is how many of the process's threads a busy loop
+// keeps blocked in syscalls: its idle readers in read(2), and a READ or
+// two waiting for a packet in poll(2). Each holds a P of Go's scheduler
+// while it waits, until sysmon takes the P back (see cmd/cdevfs's
+// GOMAXPROCS).
+const BlockedThreads = maxIdleReaders + 2
+
+// Start starts serving c's requests from its /dev/fuse fd, which must
+// be blocking.
+func Start(c *transport.Conn) (*Loop, error) {
+	rc, err := c.Dev().SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("/dev/fuse: %w", err)
+	}
+	fd, derr := -1, error(nil)
+	if err := rc.Control(func(d uintptr) { fd, derr = unix.FcntlInt(d, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, fmt.Errorf("/dev/fuse: %w", err)
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("dup /dev/fuse: %w", derr)
+	}
+	l := &Loop{c: c, fd: fd, stopped: make(chan struct{})}
 	l.bufs.New = func() any {
 		b := make([]byte, 2*c.BufSize())
 		return &b
@@ -44,7 +77,14 @@ func Start(c *transport.Conn) *Loop {
 	for range 2 {
 		l.spawn()
 	}
-	return l
+	go func() {
+		// spawn runs on a live reader only, so the count is never
+		// back at zero before the last reader stops.
+		l.readers.Wait()
+		unix.Close(l.fd)
+		close(l.stopped)
+	}()
+	return l, nil
 }
 
 func (l *Loop) spawn() {
@@ -54,8 +94,11 @@ func (l *Loop) spawn() {
 }
 
 // Wait returns once every reader has stopped: the connection ended (an
-// unmount, an abort) or the fd was closed.
-func (l *Loop) Wait() { l.readers.Wait() }
+// unmount, an abort).
+func (l *Loop) Wait() { <-l.stopped }
+
+// Stopped is closed once every reader has stopped.
+func (l *Loop) Stopped() <-chan struct{} { return l.stopped }
 
 func (l *Loop) reader() {
 	defer l.readers.Done()
@@ -63,28 +106,22 @@ func (l *Loop) reader() {
 	defer l.bufs.Put(bp)
 	size := l.c.BufSize()
 	in, out := (*bp)[:size], (*bp)[size:]
-	dev := l.c.Dev()
+	w := &waiter{efd: -1}
+	defer w.close()
 	for {
-		n, err := dev.Read(in)
-		if err != nil && readOutcome(err) == readFailed {
-			// Go's poller says "not pollable" when epoll reported
-			// EPOLLERR for the fd before the reader waited, and
-			// /dev/fuse reports EPOLLERR once the connection is gone
-			// (fuse_dev_poll): an unmount racing a reader that had just
-			// found nothing to read. A read of our own gives the errno
-			// (ENODEV then) or the request.
-			n, err = readRaw(dev, in)
-		}
+		n, err := syscall.Read(l.fd, in)
 		if err != nil {
 			switch readOutcome(err) {
 			case readAgain:
 				continue
 			case readEnded:
 				l.idle.Add(-1)
+				l.waits.endAll()
 				l.c.End(nil)
 				return
 			default:
 				l.idle.Add(-1)
+				l.waits.endAll()
 				l.c.End(fmt.Errorf("read /dev/fuse: %w", err))
 				return
 			}
@@ -92,7 +129,7 @@ func (l *Loop) reader() {
 		if l.idle.Add(-1) == 0 {
 			l.spawn()
 		}
-		l.handle(in[:n], out)
+		l.handle(w, in[:n], out)
 		if l.idle.Add(1) > maxIdleReaders {
 			l.idle.Add(-1)
 			return
@@ -100,14 +137,22 @@ func (l *Loop) reader() {
 	}
 }
 
-// handle serves one request read from /dev/fuse and writes its reply.
-func (l *Loop) handle(in, out []byte) {
-	n, _ := l.c.Serve(in, out, true)
+// handle serves one request read from /dev/fuse and writes its reply. A
+// READ that must wait for a packet waits on w (wait.go), and an INTERRUPT
+// for it ends that wait.
+func (l *Loop) handle(w *waiter, in, out []byte) {
+	if ir := fusewire.View[fuse.InterruptIn](in); ir != nil && ir.Opcode == fusewire.OpInterrupt && l.waits.interrupt(ir.Unique) {
+		return // an INTERRUPT has no reply
+	}
+	n, blocked := l.c.Serve(in, out, false)
+	if blocked {
+		n = l.waitRead(w, in, out)
+	}
 	if n > 0 {
 		// The kernel takes each write(2) to /dev/fuse as one whole
 		// message, so writers need no lock of ours. An error is the
 		// kernel's: ENOENT for a request no longer waited for.
-		_, _ = l.c.Dev().Write(out[:n])
+		_, _ = unix.Write(l.fd, out[:n])
 	}
 	if fusewire.Opcode(in) == fusewire.OpInit {
 		l.c.InitAnswered(out[:n])
@@ -117,7 +162,7 @@ func (l *Loop) handle(in, out []byte) {
 // What a failed read of /dev/fuse means.
 const (
 	readAgain  = iota // EINTR, EAGAIN, or ENOENT: the request was interrupted before we read it
-	readEnded         // ENODEV: unmounted or aborted; os.ErrClosed: the fd was closed
+	readEnded         // ENODEV: unmounted or aborted
 	readFailed        // anything else
 )
 
@@ -125,26 +170,8 @@ func readOutcome(err error) int {
 	switch {
 	case errors.Is(err, syscall.EINTR), errors.Is(err, syscall.EAGAIN), errors.Is(err, syscall.ENOENT):
 		return readAgain
-	case errors.Is(err, syscall.ENODEV), errors.Is(err, os.ErrClosed):
+	case errors.Is(err, syscall.ENODEV):
 		return readEnded
 	}
 	return readFailed
-}
-
-// readRaw reads one request from dev with read(2) itself, past Go's
-// poller; EAGAIN if there is none.
-func readRaw(dev *os.File, in []byte) (int, error) {
-	rc, err := dev.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var n int
-	var rerr error
-	if err := rc.Control(func(fd uintptr) { n, rerr = unix.Read(int(fd), in) }); err != nil {
-		return 0, err // closed
-	}
-	if rerr != nil {
-		return 0, rerr
-	}
-	return n, nil
 }

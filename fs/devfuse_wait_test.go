@@ -1,0 +1,215 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"runtime"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cdevfs/cdevfs/devnode"
+	"golang.org/x/sys/unix"
+)
+
+// devfuseWaitBound is the devfuse loop's bound on READs waiting on a
+// thread each (transport/devfuse maxWaits).
+const devfuseWaitBound = 64
+
+// TestWaitingReadEnds: over /dev/fuse, a blocking READ of a device with a
+// ReadWaiter fd waits on its reader's thread, and ends in each of the
+// ways a blocked read ends: with the packet that comes; with ENXIO when
+// the node is destroyed (the root's Observer.Revoked); with EINTR when
+// its reader is signalled, also when the INTERRUPT reaches the daemon
+// before the READ waits (the kernel queues it again until it finds the
+// READ); and without an answer when the mount goes away under it.
+func TestWaitingReadEnds(t *testing.T) {
+	requireFuse(t)
+	for _, tc := range []struct {
+		name string
+		end  func(t *testing.T, d *pipeDev, n *devnode.Node, m *Mount)
+		// early: signal the reader while its READ is on the reader's
+		// thread, before it waits.
+		early   bool
+		want    string
+		wantErr error
+	}{
+		{name: "packet", end: func(t *testing.T, d *pipeDev, n *devnode.Node, m *Mount) {
+			if _, err := unix.Write(d.w, []byte("a packet")); err != nil {
+				t.Fatal(err)
+			}
+		}, want: "a packet"},
+		{name: "destroy", end: func(t *testing.T, d *pipeDev, n *devnode.Node, m *Mount) {
+			go n.Destroy(context.Background())
+		}, wantErr: syscall.ENXIO},
+		{name: "interrupt before the wait", early: true, wantErr: syscall.EINTR},
+		{name: "abort", end: func(t *testing.T, d *pipeDev, n *devnode.Node, m *Mount) {
+			var st unix.Stat_t
+			if err := unix.Stat(m.Dir(), &st); err != nil {
+				t.Fatal(err)
+			}
+			abortFuse(t, st.Dev)
+			select {
+			case <-m.loop.Stopped():
+			case <-time.After(2 * time.Second):
+				t.Error("the loop's readers did not stop within 2 s of the abort: the READ waiting on one was not ended")
+			}
+		}, wantErr: syscall.ECONNABORTED},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+			reg := devnode.NewRegistry()
+			dev := newPipeDev(t)
+			n, err := reg.Make("tun0", dev, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(t), quiet)
+			dir := t.TempDir()
+			m, err := New(dir, root, MountOptions{Log: quiet, IOURing: IOURingOff})
+			if err != nil {
+				n.Rel()
+				reg.Shutdown(context.Background(), nil)
+				t.Fatal(err)
+			}
+			defer func() {
+				n.Rel()
+				reg.Shutdown(context.Background(), func() { m.Unmount() })
+				m.Close()
+			}()
+			fd, err := unix.Open(filepath.Join(dir, "tun0"), unix.O_RDWR|unix.O_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Close(fd)
+
+			tid := make(chan int, 1)
+			type result struct {
+				n   int
+				err error
+				buf []byte
+			}
+			got := make(chan result, 1)
+			if tc.early {
+				// The device is asked for its fd on the reader's
+				// thread, before the READ is registered as waiting.
+				var once atomic.Bool
+				signal := func() {
+					if once.CompareAndSwap(false, true) {
+						unix.Tgkill(unix.Getpid(), <-tid, unix.SIGURG)
+						time.Sleep(200 * time.Millisecond) // the INTERRUPT comes meanwhile
+					}
+				}
+				dev.beforeWait.Store(&signal)
+			}
+			go func() {
+				runtime.LockOSThread()
+				defer runtime.UnlockOSThread()
+				tid <- unix.Gettid()
+				buf := make([]byte, 64)
+				k, err := unix.Read(fd, buf) // no retry: EINTR is an answer here
+				got <- result{k, err, buf[:max(k, 0)]}
+			}()
+			if !tc.early {
+				waitFor(t, "the blocking read to wait on its reader's thread", func() bool { return dev.waits.Load() > 0 })
+				time.Sleep(20 * time.Millisecond) // from asking the fd to poll(2)
+				tc.end(t, dev, n, m)
+			}
+			var r result
+			select {
+			case r = <-got:
+			case <-time.After(2 * time.Second):
+				unix.Write(dev.w, []byte("late"))
+				r = <-got
+				t.Fatalf("waiting read not answered within 2 s (then got %q, %v); want %q, %v", r.buf, r.err, tc.want, tc.wantErr)
+			}
+			switch {
+			case tc.wantErr != nil && !errors.Is(r.err, tc.wantErr):
+				t.Errorf("waiting read = %q, %v; want %v", r.buf, r.err, tc.wantErr)
+			case tc.wantErr == nil && (r.err != nil || string(r.buf) != tc.want):
+				t.Errorf("waiting read = %q, %v; want %q", r.buf, r.err, tc.want)
+			}
+			if dev.waits.Load() == 0 {
+				t.Error("the read never waited on its reader's thread (the device was never asked for its fd)")
+			}
+		})
+	}
+}
+
+// TestWaitingReadsAreBounded: each READ that waits on a reader's thread
+// holds a thread, so past the bound blocking READs wait in go-fuse
+// instead, as goroutines; every one of them still gets its packet.
+func TestWaitingReadsAreBounded(t *testing.T) {
+	requireFuse(t)
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	reg := devnode.NewRegistry()
+	dev := newPipeDev(t)
+	n, err := reg.Make("tun0", dev, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(t), quiet)
+	dir := t.TempDir()
+	m, err := New(dir, root, MountOptions{Log: quiet, IOURing: IOURingOff})
+	if err != nil {
+		n.Rel()
+		reg.Shutdown(context.Background(), nil)
+		t.Fatal(err)
+	}
+	defer func() {
+		n.Rel()
+		reg.Shutdown(context.Background(), func() { m.Unmount() })
+		m.Close()
+	}()
+	fd, err := unix.Open(filepath.Join(dir, "tun0"), unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+
+	const readers = devfuseWaitBound + 8
+	got := make(chan error, readers)
+	for range readers {
+		go func() {
+			buf := make([]byte, 1)
+			_, err := unix.Read(fd, buf)
+			got <- err
+		}()
+	}
+	waitFor(t, "the bound of READs to wait on readers' threads", func() bool { return dev.waits.Load() >= devfuseWaitBound })
+	time.Sleep(200 * time.Millisecond) // the rest arrive meanwhile
+	if w := dev.waits.Load(); w != devfuseWaitBound {
+		t.Errorf("%d READs wait on readers' threads, want the bound, %d", w, devfuseWaitBound)
+	}
+	for i := range readers {
+		if _, err := unix.Write(dev.w, []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range readers {
+		select {
+		case err := <-got:
+			if err != nil {
+				t.Errorf("blocked read: %v, want a packet", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("a blocked read got no packet within 5 s")
+		}
+	}
+}
+
+// waitFor polls cond for up to 5 s, failing with what was awaited.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
