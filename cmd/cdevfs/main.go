@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -26,6 +27,7 @@ import (
 	"github.com/cdevfs/cdevfs/internal/kdev"
 	"github.com/cdevfs/cdevfs/internal/privilege"
 	"github.com/cdevfs/cdevfs/metrics"
+	"github.com/cdevfs/cdevfs/transport/devfuse"
 	sd "github.com/coreos/go-systemd/v22/daemon"
 )
 
@@ -133,6 +135,7 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 	if f.debug {
 		f.logLevel = slog.LevelDebug
 	}
+	schedulerProcs()
 	if f.orphans != "adopt" && f.orphans != "destroy" {
 		fmt.Fprintf(stderr, "cdevfs: --orphans %q: want adopt or destroy\n", f.orphans)
 		return 2
@@ -145,6 +148,19 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// schedulerProcs gives Go's scheduler a P for each thread the /dev/fuse
+// loop keeps blocked in a syscall, on top of one per CPU. A thread
+// blocked in read(2) or poll(2) keeps its P until sysmon takes it back,
+// 20 µs later at best; with one P per CPU, a reader woken by a request
+// would find every P held by readers that wait, and wait that long
+// before it runs. A GOMAXPROCS in the environment is left as it is.
+func schedulerProcs() {
+	if os.Getenv("GOMAXPROCS") != "" {
+		return
+	}
+	runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + devfuse.BlockedThreads)
 }
 
 // serve mounts the tree at dir and serves it until ctx ends or the mount
