@@ -3,10 +3,6 @@ package fs
 import (
 	"context"
 	"errors"
-	"io"
-	"log/slog"
-	"path/filepath"
-	"runtime"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -61,39 +57,8 @@ func TestWaitingReadEnds(t *testing.T) {
 		}, wantErr: syscall.ECONNABORTED},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-			reg := devnode.NewRegistry()
-			dev := newPipeDev(t)
-			n, err := reg.Make("tun0", dev, false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(t), quiet)
-			dir := t.TempDir()
-			m, err := New(dir, root, MountOptions{Log: quiet, IOURing: IOURingOff})
-			if err != nil {
-				n.Rel()
-				reg.Shutdown(context.Background(), nil)
-				t.Fatal(err)
-			}
-			defer func() {
-				n.Rel()
-				reg.Shutdown(context.Background(), func() { m.Unmount() })
-				m.Close()
-			}()
-			fd, err := unix.Open(filepath.Join(dir, "tun0"), unix.O_RDWR|unix.O_CLOEXEC, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer unix.Close(fd)
-
-			tid := make(chan int, 1)
-			type result struct {
-				n   int
-				err error
-				buf []byte
-			}
-			got := make(chan result, 1)
+			dev, n, m, fd := mountPipeDev(t, IOURingOff)
+			tid, got := make(chan int, 1), make(chan readResult, 1)
 			if tc.early {
 				// The device is asked for its fd on the reader's
 				// thread, before the READ is registered as waiting.
@@ -106,20 +71,13 @@ func TestWaitingReadEnds(t *testing.T) {
 				}
 				dev.beforeWait.Store(&signal)
 			}
-			go func() {
-				runtime.LockOSThread()
-				defer runtime.UnlockOSThread()
-				tid <- unix.Gettid()
-				buf := make([]byte, 64)
-				k, err := unix.Read(fd, buf) // no retry: EINTR is an answer here
-				got <- result{k, err, buf[:max(k, 0)]}
-			}()
+			go readOnThread(fd, tid, got)
 			if !tc.early {
 				waitFor(t, "the blocking read to wait on its reader's thread", func() bool { return dev.waits.Load() > 0 })
 				time.Sleep(20 * time.Millisecond) // from asking the fd to poll(2)
 				tc.end(t, dev, n, m)
 			}
-			var r result
+			var r readResult
 			select {
 			case r = <-got:
 			case <-time.After(2 * time.Second):
@@ -145,31 +103,7 @@ func TestWaitingReadEnds(t *testing.T) {
 // instead, as goroutines; every one of them still gets its packet.
 func TestWaitingReadsAreBounded(t *testing.T) {
 	requireFuse(t)
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	reg := devnode.NewRegistry()
-	dev := newPipeDev(t)
-	n, err := reg.Make("tun0", dev, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(t), quiet)
-	dir := t.TempDir()
-	m, err := New(dir, root, MountOptions{Log: quiet, IOURing: IOURingOff})
-	if err != nil {
-		n.Rel()
-		reg.Shutdown(context.Background(), nil)
-		t.Fatal(err)
-	}
-	defer func() {
-		n.Rel()
-		reg.Shutdown(context.Background(), func() { m.Unmount() })
-		m.Close()
-	}()
-	fd, err := unix.Open(filepath.Join(dir, "tun0"), unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
+	dev, _, _, fd := mountPipeDev(t, IOURingOff)
 
 	const readers = devfuseWaitBound + 8
 	got := make(chan error, readers)

@@ -103,40 +103,9 @@ func TestParkedReadEnds(t *testing.T) {
 		{name: "interrupt before park", early: true, wantErr: syscall.EINTR},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-			reg := devnode.NewRegistry()
-			dev := newPipeDev(t)
-			n, err := reg.Make("tun0", dev, false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(t), quiet)
-			dir := t.TempDir()
-			m, err := New(dir, root, MountOptions{Log: quiet, IOURing: IOURingOn})
-			if err != nil {
-				n.Rel()
-				reg.Shutdown(context.Background(), nil)
-				t.Fatal(err)
-			}
-			defer func() {
-				n.Rel()
-				reg.Shutdown(context.Background(), func() { m.Unmount() })
-				m.Close()
-			}()
-			fd, err := unix.Open(filepath.Join(dir, "tun0"), unix.O_RDWR|unix.O_CLOEXEC, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer unix.Close(fd)
+			dev, n, m, fd := mountPipeDev(t, IOURingOn)
 			s := m.rings.Load()
-
-			tid := make(chan int, 1)
-			type result struct {
-				n   int
-				err error
-				buf []byte
-			}
-			got := make(chan result, 1)
+			tid, got := make(chan int, 1), make(chan readResult, 1)
 			if tc.early {
 				// The device is asked for its fd on the queue's thread,
 				// before the READ is registered as parked.
@@ -149,14 +118,7 @@ func TestParkedReadEnds(t *testing.T) {
 				}
 				dev.beforeWait.Store(&signal)
 			}
-			go func() {
-				runtime.LockOSThread()
-				defer runtime.UnlockOSThread()
-				tid <- unix.Gettid()
-				buf := make([]byte, 64)
-				k, err := unix.Read(fd, buf) // no retry: EINTR is an answer here
-				got <- result{k, err, buf[:max(k, 0)]}
-			}()
+			go readOnThread(fd, tid, got)
 			if !tc.early {
 				deadline := time.Now().Add(5 * time.Second)
 				for s.Held() == 0 {
@@ -167,7 +129,7 @@ func TestParkedReadEnds(t *testing.T) {
 				}
 				tc.end(t, dev, n)
 			}
-			var r result
+			var r readResult
 			select {
 			case r = <-got:
 			case <-time.After(2 * time.Second):
@@ -187,4 +149,56 @@ func TestParkedReadEnds(t *testing.T) {
 			}
 		})
 	}
+}
+
+// mountPipeDev mounts a tree whose one node, tun0, is a new pipeDev,
+// served over u, and opens the node; all of it is undone when the test
+// ends.
+func mountPipeDev(t *testing.T, u IOURing) (dev *pipeDev, n *devnode.Node, m *Mount, fd int) {
+	t.Helper()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	reg := devnode.NewRegistry()
+	dev = newPipeDev(t)
+	n, err := reg.Make("tun0", dev, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := NewRoot(reg, []string{"tun"}, func(string) bool { return false }, ownPolicy(t), quiet)
+	dir := t.TempDir()
+	m, err = New(dir, root, MountOptions{Log: quiet, IOURing: u})
+	if err != nil {
+		n.Rel()
+		reg.Shutdown(context.Background(), nil)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		n.Rel()
+		reg.Shutdown(context.Background(), func() { m.Unmount() })
+		m.Close()
+	})
+	fd, err = unix.Open(filepath.Join(dir, "tun0"), unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return dev, n, m, fd
+}
+
+// readResult is what a read(2) of a device node returned.
+type readResult struct {
+	n   int
+	err error
+	buf []byte
+}
+
+// readOnThread reads fd once on a thread of its own, whose tid it sends
+// first (for a signal), then what the read returned. EINTR is not
+// retried: it is an answer here.
+func readOnThread(fd int, tid chan<- int, got chan<- readResult) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	tid <- unix.Gettid()
+	buf := make([]byte, 64)
+	k, err := unix.Read(fd, buf)
+	got <- readResult{k, err, buf[:max(k, 0)]}
 }
