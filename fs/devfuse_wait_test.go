@@ -3,6 +3,9 @@ package fs
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -114,9 +117,10 @@ func TestWaitingReadsAreBounded(t *testing.T) {
 			got <- err
 		}()
 	}
-	waitFor(t, "the bound of READs to wait on readers' threads", func() bool { return dev.waits.Load() >= devfuseWaitBound })
-	time.Sleep(200 * time.Millisecond) // the rest arrive meanwhile
-	if w := dev.waits.Load(); w != devfuseWaitBound {
+	waitFor(t, "every READ to reach the device", func() bool { return dev.waits.Load() >= readers })
+	waitFor(t, "the bound of READs to wait on readers' threads", func() bool { return threadsPolling() >= devfuseWaitBound })
+	time.Sleep(200 * time.Millisecond) // any more would wait by now
+	if w := threadsPolling(); w != devfuseWaitBound {
 		t.Errorf("%d READs wait on readers' threads, want the bound, %d", w, devfuseWaitBound)
 	}
 	for i := range readers {
@@ -146,4 +150,20 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// threadsPolling counts the process's threads in poll(2) on two fds, as
+// a READ waiting on its reader's thread is (the device's fd and the
+// reader's eventfd): nothing else in the test process polls so.
+func threadsPolling() int {
+	want := fmt.Sprintf("%d ", unix.SYS_PPOLL)
+	tasks, _ := os.ReadDir("/proc/self/task")
+	n := 0
+	for _, task := range tasks {
+		b, _ := os.ReadFile("/proc/self/task/" + task.Name() + "/syscall")
+		if f := strings.Fields(string(b)); strings.HasPrefix(string(b), want) && len(f) > 2 && f[2] == "0x2" {
+			n++
+		}
+	}
+	return n
 }

@@ -40,8 +40,9 @@ type waits struct {
 }
 
 // waiter is one reader's wait, reused for every READ the reader waits
-// for. Only the reader's goroutine uses efd and fds; the fields mu
-// guards are read by the INTERRUPT, revoke and end paths.
+// for. efd is made before the first registration and closed after the
+// last; while the waiter is registered the INTERRUPT, revoke and end
+// paths write it, under mu. fds and cnt are the reader's own.
 type waiter struct {
 	efd      int            // eventfd that ends the wait early; -1 until the first wait
 	fds      [2]unix.PollFd // the device's fd and efd, kept here so poll(2) allocates nothing
@@ -60,17 +61,26 @@ func (w *waiter) close() {
 	}
 }
 
-// begin registers w as waiting for the READ unique on device. It
-// reports false if maxWaits READs already wait or the connection ended.
-func (ws *waits) begin(w *waiter, unique, device uint64) bool {
+// What begin did.
+const (
+	waitBegun = iota // w is registered
+	waitFull         // maxWaits READs wait already
+	waitEnded        // the connection ended
+)
+
+// begin registers w as waiting for the READ unique on device.
+func (ws *waits) begin(w *waiter, unique, device uint64) int {
 	ws.mu.Lock()
 	defer ws.mu.Unlock()
-	if ws.ended || len(ws.reads) >= maxWaits {
-		return false
+	switch {
+	case ws.ended:
+		return waitEnded
+	case len(ws.reads) >= maxWaits:
+		return waitFull
 	}
 	w.unique, w.device, w.why, w.signaled = unique, device, 0, false
 	ws.reads = append(ws.reads, w)
-	return true
+	return waitBegun
 }
 
 // end unregisters w and drains its eventfd, so that a wake meant for
@@ -93,10 +103,15 @@ func (ws *waits) end(w *waiter) {
 	}
 }
 
-// reason says why w was woken: 0 if only to read again.
-func (ws *waits) reason(w *waiter) syscall.Errno {
+// woken says why w's eventfd was written, 0 if only to read again, and
+// drains it, so that a later signal wakes the poll again.
+func (ws *waits) woken(w *waiter) syscall.Errno {
 	ws.mu.Lock()
 	defer ws.mu.Unlock()
+	if w.signaled {
+		_, _ = unix.Read(w.efd, w.cnt[:])
+		w.signaled = false
+	}
 	return w.why
 }
 
@@ -162,17 +177,26 @@ func (l *Loop) waitRead(w *waiter, in, out []byte) int {
 		n, _ := l.c.Serve(in, out, true)
 		return n
 	}
-	if !l.waits.begin(w, r.Unique, f.Device()) {
+	// The file's wait begins before the READ is registered, so that a
+	// READ registered is one that waits here: an INTERRUPT that finds
+	// it is never lost on a READ gone to go-fuse. One that comes before
+	// is answered EAGAIN by go-fuse, and the kernel sends it again.
+	fd, ok := f.BeginWait()
+	if !ok {
+		n, _ := l.c.Serve(in, out, true) // no fd, or dying: go-fuse's Read answers
+		return n
+	}
+	switch l.waits.begin(w, r.Unique, f.Device()) {
+	case waitEnded:
+		f.EndWait()
+		return 0 // the connection ended: no one to answer
+	case waitFull:
+		f.EndWait()
 		n, _ := l.c.Serve(in, out, true)
 		return n
 	}
-	defer l.waits.end(w)
-	fd, ok := f.BeginWait()
-	if !ok {
-		n, _ := l.c.Serve(in, out, true) // dying: go-fuse's Read answers ENXIO
-		return n
-	}
 	defer f.EndWait()
+	defer l.waits.end(w)
 	defer l.c.Metrics().Request(fusewire.OpRead, start)
 	w.fds = [2]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}, {Fd: int32(w.efd), Events: unix.POLLIN}}
 	for {
@@ -187,7 +211,7 @@ func (l *Loop) waitRead(w *waiter, in, out []byte) int {
 			return fusewire.ErrorReply(in, out, syscall.EIO)
 		}
 		if w.fds[1].Revents != 0 {
-			switch why := l.waits.reason(w); why {
+			switch why := l.waits.woken(w); why {
 			case syscall.ENOTCONN:
 				return 0
 			case syscall.EINTR:
