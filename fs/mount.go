@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -67,7 +68,21 @@ type Mount struct {
 	rings atomic.Pointer[uring.Server] // nil: requests come over /dev/fuse
 	inval *invalidator
 	devno string // the mount's device, major:minor, as mountinfo gives it
+
+	// unmounted is how Unmount left the mount: unmountNone, or
+	// unmountEnded (a plain or forced unmount destroyed the superblock,
+	// which ended the connection, and its device number may be another
+	// mount's by now), or unmountDetached (lazily: open files keep the
+	// superblock, its number and the connection).
+	unmounted atomic.Int32
 }
+
+// How Unmount left the mount (Mount.unmounted).
+const (
+	unmountNone = iota
+	unmountEnded
+	unmountDetached
+)
 
 // Dir is the mountpoint.
 func (m *Mount) Dir() string { return m.dir }
@@ -256,6 +271,7 @@ func (m *Mount) Unmount() error {
 		switch err := unix.Unmount(m.dir, unix.MNT_FORCE); {
 		case err == nil:
 			// Gone: another unmount would act on what is under it.
+			m.unmounted.Store(unmountEnded)
 			m.inval.stop()
 			return nil
 		case errors.Is(err, unix.EBUSY):
@@ -271,11 +287,15 @@ func (m *Mount) Unmount() error {
 		}
 	}
 	err := unix.Unmount(m.dir, 0)
+	how := unmountEnded
 	if errors.Is(err, unix.EBUSY) {
-		err = unix.Unmount(m.dir, unix.MNT_DETACH)
+		err, how = unix.Unmount(m.dir, unix.MNT_DETACH), unmountDetached
 	}
 	if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: not mounted any more
 		return fmt.Errorf("unmount %s: %w", m.dir, err)
+	}
+	if err == nil {
+		m.unmounted.Store(int32(how))
 	}
 	// A plain unmount leaves nothing cached, so the destroys that follow
 	// need not say. After a lazy one, files still open keep the kernel's
@@ -327,7 +347,13 @@ func (m *Mount) Close() {
 // abort, which may have ended all the same.
 const closeWait = 2 * time.Second
 
-// abortIfServed aborts the connection unless the kernel ended it.
+// abortIfServed aborts the connection unless the kernel ended it. The
+// connection is named by the superblock's device number, so only while
+// that number is surely the mount's: it is mounted here still, or was
+// detached lazily by Unmount (open files keep the superblock). After a
+// plain unmount the kernel ended the connection itself, and the number
+// may be another FUSE mount's by now; after an unmount of someone
+// else's, it may be too.
 func (m *Mount) abortIfServed() error {
 	select {
 	case <-m.conn.Ended():
@@ -335,6 +361,14 @@ func (m *Mount) abortIfServed() error {
 			return nil // the kernel ended it: the readers have ENODEV
 		}
 	default:
+	}
+	switch m.unmounted.Load() {
+	case unmountEnded:
+		return nil
+	case unmountNone:
+		if ms := mountsAt(m.dir); !slices.ContainsFunc(ms, func(e mountEntry) bool { return e.devno == m.devno }) {
+			return fmt.Errorf("the mount at %s is gone, unmounted by someone else", m.dir)
+		}
 	}
 	var major, minor uint32
 	if _, err := fmt.Sscanf(m.devno, "%d:%d", &major, &minor); err != nil {
