@@ -315,7 +315,9 @@ func (l *linuxLink) detachedErr() error {
 
 // Write implements Link: one packet, one write(2), straight on the fd
 // (ioMu held shared, no allocation); only a full queue (EAGAIN, which a
-// tun does not report in practice) waits in Go's poller.
+// tun does not report in practice) waits in Go's poller, on a dup of the
+// fd, until there is room or ctx ends (EINTR, as go-fuse's interrupt
+// cancels it).
 func (l *linuxLink) Write(ctx context.Context, p []byte) (int, error) {
 	select {
 	case <-l.woken:
@@ -347,6 +349,8 @@ func (l *linuxLink) Write(ctx context.Context, p []byte) (int, error) {
 		return 0, err
 	}
 	defer pf.Close()
+	stop := context.AfterFunc(ctx, func() { _ = pf.SetWriteDeadline(longAgo) })
+	defer stop()
 	n, err = pf.Write(p)
 	switch {
 	case err == nil:
@@ -355,6 +359,8 @@ func (l *linuxLink) Write(ctx context.Context, p []byte) (int, error) {
 		return 0, ErrGone
 	case errors.Is(err, os.ErrClosed):
 		return 0, ErrRevoked
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return n, syscall.EINTR // ctx ended
 	}
 	var pe *os.PathError
 	if errors.As(err, &pe) {

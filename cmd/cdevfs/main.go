@@ -156,6 +156,8 @@ func mountCmd(args []string, stdout, stderr io.Writer) int {
 // 20 µs later at best; with one P per CPU, a reader woken by a request
 // would find every P held by readers that wait, and wait that long
 // before it runs. A GOMAXPROCS in the environment is left as it is.
+// Setting it stops the runtime from following later changes of the
+// container's CPU limit: the daemon keeps the count it started with.
 func schedulerProcs() {
 	if os.Getenv("GOMAXPROCS") != "" {
 		return

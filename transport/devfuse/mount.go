@@ -45,9 +45,10 @@ const fusectl = "/sys/fs/fuse/connections"
 // major:minor, through the fuse control filesystem (fuse_conn_abort_write),
 // as `echo 1 > /sys/fs/fuse/connections/N/abort` does: every request
 // waiting ends with ECONNABORTED, and readers blocked in read(2) of its
-// /dev/fuse return ENODEV. Where fusectl is not mounted it is mounted on
-// a directory of its own for the write. It needs what that mount needs:
-// CAP_SYS_ADMIN in the initial user namespace.
+// /dev/fuse return ENODEV. The abort file belongs to the mount's owner;
+// where fusectl is not mounted it is mounted on a directory of its own
+// for the write, which needs CAP_SYS_ADMIN in the initial user
+// namespace.
 func Abort(major, minor uint32) error {
 	// The directory's name is the kernel's dev_t, MKDEV(major, minor).
 	name := strconv.FormatUint(uint64(major)<<20|uint64(minor), 10)
