@@ -396,7 +396,15 @@ func (l *linuxLink) Readable() (bool, error) {
 	var perr error
 	if err := rc.Control(func(fd uintptr) {
 		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		_, perr = unix.Poll(pfd, 0)
+		// A zero timeout does not keep poll(2) from failing with EINTR:
+		// do_poll looks at pending signals before the timeout, and Go's
+		// preemption signals the daemon's threads often.
+		for {
+			_, perr = unix.Poll(pfd, 0)
+			if perr != unix.EINTR {
+				break
+			}
+		}
 		rev = pfd[0].Revents
 	}); err != nil {
 		return false, ErrRevoked
