@@ -2,7 +2,6 @@ package fs
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -80,20 +79,7 @@ func TestWaitingReadEnds(t *testing.T) {
 				time.Sleep(20 * time.Millisecond) // from asking the fd to poll(2)
 				tc.end(t, dev, n, m)
 			}
-			var r readResult
-			select {
-			case r = <-got:
-			case <-time.After(2 * time.Second):
-				unix.Write(dev.w, []byte("late"))
-				r = <-got
-				t.Fatalf("waiting read not answered within 2 s (then got %q, %v); want %q, %v", r.buf, r.err, tc.want, tc.wantErr)
-			}
-			switch {
-			case tc.wantErr != nil && !errors.Is(r.err, tc.wantErr):
-				t.Errorf("waiting read = %q, %v; want %v", r.buf, r.err, tc.wantErr)
-			case tc.wantErr == nil && (r.err != nil || string(r.buf) != tc.want):
-				t.Errorf("waiting read = %q, %v; want %q", r.buf, r.err, tc.want)
-			}
+			expectRead(t, "waiting", dev, got, tc.want, tc.wantErr)
 			if dev.waits.Load() == 0 {
 				t.Error("the read never waited on its reader's thread (the device was never asked for its fd)")
 			}

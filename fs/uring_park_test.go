@@ -129,21 +129,7 @@ func TestParkedReadEnds(t *testing.T) {
 				}
 				tc.end(t, dev, n)
 			}
-			var r readResult
-			select {
-			case r = <-got:
-			case <-time.After(2 * time.Second):
-				// Unblock the reader so the test can end, then fail.
-				unix.Write(dev.w, []byte("late"))
-				r = <-got
-				t.Fatalf("parked read not answered within 2 s (then got %q, %v); want %q, %v", r.buf, r.err, tc.want, tc.wantErr)
-			}
-			switch {
-			case tc.wantErr != nil && !errors.Is(r.err, tc.wantErr):
-				t.Errorf("parked read = %q, %v; want %v", r.buf, r.err, tc.wantErr)
-			case tc.wantErr == nil && (r.err != nil || string(r.buf) != tc.want):
-				t.Errorf("parked read = %q, %v; want %q", r.buf, r.err, tc.want)
-			}
+			expectRead(t, "parked", dev, got, tc.want, tc.wantErr)
 			if dev.waits.Load() == 0 {
 				t.Error("the read was never parked (the device was never asked for its fd)")
 			}
@@ -201,4 +187,26 @@ func readOnThread(fd int, tid chan<- int, got chan<- readResult) {
 	buf := make([]byte, 64)
 	k, err := unix.Read(fd, buf)
 	got <- readResult{k, err, buf[:max(k, 0)]}
+}
+
+// expectRead waits up to 2 s for what the read readOnThread started
+// returned, and checks it: the packet want, or the error wantErr. what
+// names the read in the messages. A read still blocked then is ended
+// with a packet, so that the test can end.
+func expectRead(t *testing.T, what string, dev *pipeDev, got <-chan readResult, want string, wantErr error) {
+	t.Helper()
+	var r readResult
+	select {
+	case r = <-got:
+	case <-time.After(2 * time.Second):
+		unix.Write(dev.w, []byte("late"))
+		r = <-got
+		t.Fatalf("%s read not answered within 2 s (then got %q, %v); want %q, %v", what, r.buf, r.err, want, wantErr)
+	}
+	switch {
+	case wantErr != nil && !errors.Is(r.err, wantErr):
+		t.Errorf("%s read = %q, %v; want %v", what, r.buf, r.err, wantErr)
+	case wantErr == nil && (r.err != nil || string(r.buf) != want):
+		t.Errorf("%s read = %q, %v; want %q", what, r.buf, r.err, want)
+	}
 }
