@@ -231,14 +231,16 @@ func (l *Loop) waitRead(w *waiter, in, out []byte) int {
 }
 
 // prepare gives w its eventfd on its first wait; false if none can be
-// made (the READ then waits in go-fuse).
+// made (the READ then waits in go-fuse, which works as well). Logged at
+// DEBUG only: it is retried on every READ, and a caller who can exhaust
+// the daemon's fds must not also fill its log.
 func (l *Loop) prepare(w *waiter) bool {
 	if w.efd >= 0 {
 		return true
 	}
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
-		l.c.Log().Warn("eventfd for a READ's wait; it waits in go-fuse", "err", err)
+		l.c.Log().Debug("eventfd for a READ's wait; it waits in go-fuse", "err", err)
 		return false
 	}
 	w.efd = efd
