@@ -5,12 +5,12 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -64,18 +64,11 @@ func TestWaitingReadEnds(t *testing.T) {
 			if tc.early {
 				// The device is asked for its fd on the reader's
 				// thread, before the READ is registered as waiting.
-				var once atomic.Bool
-				signal := func() {
-					if once.CompareAndSwap(false, true) {
-						unix.Tgkill(unix.Getpid(), <-tid, unix.SIGURG)
-						time.Sleep(200 * time.Millisecond) // the INTERRUPT comes meanwhile
-					}
-				}
-				dev.beforeWait.Store(&signal)
+				dev.signalBeforeWait(tid)
 			}
 			go readOnThread(fd, tid, got)
 			if !tc.early {
-				waitFor(t, "the blocking read to wait on its reader's thread", func() bool { return dev.waits.Load() > 0 })
+				testenv.WaitFor(t, "the blocking read to wait on its reader's thread", func() bool { return dev.waits.Load() > 0 })
 				time.Sleep(20 * time.Millisecond) // from asking the fd to poll(2)
 				tc.end(t, dev, n, m)
 			}
@@ -103,8 +96,8 @@ func TestWaitingReadsAreBounded(t *testing.T) {
 			got <- err
 		}()
 	}
-	waitFor(t, "every READ to reach the device", func() bool { return dev.waits.Load() >= readers })
-	waitFor(t, "the bound of READs to wait on readers' threads", func() bool { return threadsPolling() >= devfuseWaitBound })
+	testenv.WaitFor(t, "every READ to reach the device", func() bool { return dev.waits.Load() >= readers })
+	testenv.WaitFor(t, "the bound of READs to wait on readers' threads", func() bool { return threadsPolling() >= devfuseWaitBound })
 	time.Sleep(200 * time.Millisecond) // any more would wait by now
 	if w := threadsPolling(); w != devfuseWaitBound {
 		t.Errorf("%d READs wait on readers' threads, want the bound, %d", w, devfuseWaitBound)
@@ -123,18 +116,6 @@ func TestWaitingReadsAreBounded(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatal("a blocked read got no packet within 5 s")
 		}
-	}
-}
-
-// waitFor polls cond for up to 5 s, failing with what was awaited.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
 	}
 }
 

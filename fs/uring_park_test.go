@@ -109,14 +109,7 @@ func TestParkedReadEnds(t *testing.T) {
 			if tc.early {
 				// The device is asked for its fd on the queue's thread,
 				// before the READ is registered as parked.
-				var once atomic.Bool
-				signal := func() {
-					if once.CompareAndSwap(false, true) {
-						unix.Tgkill(unix.Getpid(), <-tid, unix.SIGURG)
-						time.Sleep(200 * time.Millisecond) // the INTERRUPT comes meanwhile
-					}
-				}
-				dev.beforeWait.Store(&signal)
+				dev.signalBeforeWait(tid)
 			}
 			go readOnThread(fd, tid, got)
 			if !tc.early {
@@ -209,4 +202,18 @@ func expectRead(t *testing.T, what string, dev *pipeDev, got <-chan readResult, 
 	case wantErr == nil && (r.err != nil || string(r.buf) != want):
 		t.Errorf("%s read = %q, %v; want %q", what, r.buf, r.err, want)
 	}
+}
+
+// signalBeforeWait makes the device, when first asked for its fd, signal
+// the reader whose tid comes on tid, and wait 200 ms for the INTERRUPT
+// that follows to reach the daemon: an INTERRUPT before the READ waits.
+func (d *pipeDev) signalBeforeWait(tid <-chan int) {
+	var once atomic.Bool
+	signal := func() {
+		if once.CompareAndSwap(false, true) {
+			unix.Tgkill(unix.Getpid(), <-tid, unix.SIGURG)
+			time.Sleep(200 * time.Millisecond) // the INTERRUPT comes meanwhile
+		}
+	}
+	d.beforeWait.Store(&signal)
 }

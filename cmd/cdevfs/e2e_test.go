@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cdevfs/cdevfs/internal/testenv"
 )
 
 // TestMountErrorsAreOneLine: a missing mountpoint, a mountpoint already in
@@ -99,7 +101,7 @@ func TestCloneNodeGivesLowestFreeUnit(t *testing.T) {
 	}
 	syscall.Close(fd1)
 	d.mustIP("link", "del", "tun1") // the unit becomes free
-	waitFor(t, "tun1 to leave ls", func() bool { return !contains(d.ls(), "tun1") })
+	testenv.WaitFor(t, "tun1 to leave ls", func() bool { return !contains(d.ls(), "tun1") })
 	fd1 = openDev(t, d.path("tun"))
 	defer syscall.Close(fd1)
 	if got := d.links(); !contains(got, "tun1") || contains(got, "tun2") {
@@ -252,7 +254,7 @@ func TestLastCloseKeepsInterfaceDown(t *testing.T) {
 		t.Fatalf("tun3 not up while open: %s", out)
 	}
 	syscall.Close(fd)
-	waitFor(t, "tun3 to go down after close", func() bool {
+	testenv.WaitFor(t, "tun3 to go down after close", func() bool {
 		out, _ := d.ip("link", "show", "tun3")
 		return strings.Contains(out, "tun3") && !strings.Contains(out, ",UP")
 	})
@@ -302,7 +304,7 @@ func TestDestroyRevokesBlockedReader(t *testing.T) {
 	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), 0x745f /* TUNSIFPID, _IO('t', 95) */, 0); e != syscall.ENXIO {
 		t.Errorf("later ioctl = %v, want ENXIO", e)
 	}
-	waitFor(t, "tun6 to leave ls", func() bool { return !contains(d.ls(), "tun6") })
+	testenv.WaitFor(t, "tun6 to leave ls", func() bool { return !contains(d.ls(), "tun6") })
 	if _, err := os.Stat(d.path("tun6")); err != nil { // the unit is free: lookup makes it afresh
 		t.Errorf("stat tun6 after destroy: %v, want a fresh tun6", err)
 	}
@@ -391,17 +393,6 @@ func TestInterruptedReadEnds(t *testing.T) {
 	syscall.Close(fd)
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // TestNoExtendedAttributes: nodes have no xattrs, and the daemon says so
 // with ENOSYS, which the kernel turns into EOPNOTSUPP and remembers, so
 // `ls -l` stops paying a daemon round trip per entry for its security label.
@@ -440,7 +431,7 @@ func TestCachedEntryFollowsDestroy(t *testing.T) {
 	}
 	d.mustIP("link", "del", "tun3")
 	deleted := time.Now()
-	waitFor(t, "nobody's test -e tun3 to fail", func() bool {
+	testenv.WaitFor(t, "nobody's test -e tun3 to fail", func() bool {
 		_, err := as(nobody, nobody, nil, "test -e "+tun3)
 		return err != nil
 	})

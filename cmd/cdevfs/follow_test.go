@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/bsdtun"
+	"github.com/cdevfs/cdevfs/internal/testenv"
 )
 
 var netnsSeq atomic.Int32
@@ -233,7 +234,7 @@ func TestNetnsDeletionRevokesItsDevices(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatalf("blocked read still blocked 5s after ip netns del:\n%s", d.log())
 	}
-	waitFor(t, "tun0 and tap3 to leave ls", func() bool {
+	testenv.WaitFor(t, "tun0 and tap3 to leave ls", func() bool {
 		ls := d.ls()
 		return !contains(ls, "tun0") && !contains(ls, "tap3")
 	})

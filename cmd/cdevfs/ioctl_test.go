@@ -13,6 +13,7 @@ import (
 	"unsafe"
 
 	"github.com/cdevfs/cdevfs/bsdtun"
+	"github.com/cdevfs/cdevfs/internal/testenv"
 )
 
 func ioctlPtr(fd int, cmd uint32, p unsafe.Pointer) syscall.Errno {
@@ -264,7 +265,7 @@ func TestRenameKeepsNodeThenDeleteRevokes(t *testing.T) {
 		}
 	}
 	d.mustIP("link", "del", "other")
-	waitFor(t, "tun9 to leave ls", func() bool { return !contains(d.ls(), "tun9") })
+	testenv.WaitFor(t, "tun9 to leave ls", func() bool { return !contains(d.ls(), "tun9") })
 	if _, err := readRetry(fd, buf); err != syscall.ENXIO {
 		t.Errorf("read after ip link del other = %v, want ENXIO", err)
 	}
@@ -305,7 +306,7 @@ func TestTransientCloseRacingOpen(t *testing.T) {
 			fresh++
 		case syscall.ENXIO:
 			enxio++
-			waitFor(t, "tun8 to be openable again", func() bool {
+			testenv.WaitFor(t, "tun8 to be openable again", func() bool {
 				next, err = syscall.Open(path, syscall.O_RDWR, 0)
 				return err == nil
 			})
@@ -323,8 +324,8 @@ func TestTransientCloseRacingOpen(t *testing.T) {
 	}
 	ioctlSetInt(fd, bsdtun.TUNSTRANSIENT, 1)
 	syscall.Close(fd)
-	waitFor(t, "tun8 to go", func() bool { _, err := d.ip("link", "show", "tun8"); return err != nil })
-	waitFor(t, "tun8 to leave ls", func() bool { return !contains(d.ls(), "tun8") })
+	testenv.WaitFor(t, "tun8 to go", func() bool { _, err := d.ip("link", "show", "tun8"); return err != nil })
+	testenv.WaitFor(t, "tun8 to leave ls", func() bool { return !contains(d.ls(), "tun8") })
 	t.Logf("%d iterations: %d fresh devices, %d ENXIO, %d EBUSY retries before the close began", iterations, fresh, enxio, busy)
 	if got := d.links(); len(got) != 0 {
 		t.Errorf("links left: %v", got)

@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cdevfs/cdevfs/internal/testenv"
 )
 
 // TestHelpListsEveryFlag: `cdevfs mount --help` lists every flag the
@@ -107,9 +109,9 @@ func TestJSONLogs(t *testing.T) {
 	if out, err := transient.CombinedOutput(); err != nil {
 		t.Fatalf("transient_tuntap: %v %s", err, out)
 	}
-	waitFor(t, "tun5's transient destroy", func() bool { return !contains(d.links(), "tun5") })
+	testenv.WaitFor(t, "tun5's transient destroy", func() bool { return !contains(d.links(), "tun5") })
 	d.mustIP("link", "del", "tun0")
-	waitFor(t, "tun0's node to go", func() bool { return !contains(d.ls(), "tun0") })
+	testenv.WaitFor(t, "tun0's node to go", func() bool { return !contains(d.ls(), "tun0") })
 	if _, err := os.Stat(d.path("tun3")); err != nil {
 		t.Fatal(err)
 	}
@@ -309,7 +311,7 @@ func TestMetrics(t *testing.T) {
 	if err := syscall.Close(fd); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "tun7 closed in the metrics", func() bool { return scrape(t, sock)[`cdevfs_interfaces{state="closed"}`] == 1 })
+	testenv.WaitFor(t, "tun7 closed in the metrics", func() bool { return scrape(t, sock)[`cdevfs_interfaces{state="closed"}`] == 1 })
 	m := scrape(t, sock)
 	for name, want := range map[string]float64{
 		"cdevfs_clones_total":                     1,
@@ -340,7 +342,7 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 	d.mustIP("link", "del", "tun7")
-	waitFor(t, "the destroy in the metrics", func() bool { return scrape(t, sock)["cdevfs_destroys_total"] == 1 })
+	testenv.WaitFor(t, "the destroy in the metrics", func() bool { return scrape(t, sock)["cdevfs_destroys_total"] == 1 })
 	m = scrape(t, sock)
 	if m["cdevfs_revokes_total"] != 1 || m[`cdevfs_interfaces{state="closed"}`] != 0 {
 		t.Errorf("after ip link del: revokes %v, closed %v; want 1 and 0", m["cdevfs_revokes_total"], m[`cdevfs_interfaces{state="closed"}`])

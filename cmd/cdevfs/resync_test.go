@@ -33,7 +33,7 @@ func TestWatchResyncsAfterSIGSTOP(t *testing.T) {
 	// An up interface announces every change of its alias.
 	d.mustIP("tuntap", "add", "dev", "flood0", "mode", "tun")
 	d.mustIP("link", "set", "flood0", "up")
-	waitFor(t, "tun10 and tun11 adopted", func() bool {
+	testenv.WaitFor(t, "tun10 and tun11 adopted", func() bool {
 		ls := d.ls()
 		return contains(ls, "tun10") && contains(ls, "tun11")
 	})
@@ -73,10 +73,10 @@ func TestWatchResyncsAfterSIGSTOP(t *testing.T) {
 	deaf := time.Since(start)
 	cont()
 	released := time.Now()
-	waitFor(t, "a resync in the metrics", func() bool { return scrape(t, sock)["cdevfs_watch_resyncs_total"] >= 1 })
+	testenv.WaitFor(t, "a resync in the metrics", func() bool { return scrape(t, sock)["cdevfs_watch_resyncs_total"] >= 1 })
 	resynced := time.Since(released)
 	var want, got []string
-	waitFor(t, "the tree to list the kernel's tun and tap interfaces", func() bool {
+	testenv.WaitFor(t, "the tree to list the kernel's tun and tap interfaces", func() bool {
 		want = d.links()
 		slices.Sort(want)
 		got = nil

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/cdevfs/cdevfs/internal/fuseuring"
 )
@@ -39,4 +40,17 @@ func SetURing(t testing.TB, v string) {
 			t.Errorf("restore enable_uring: %v", err)
 		}
 	})
+}
+
+// WaitFor polls cond every 10 ms for up to 5 s, and fails t, naming
+// what it waited for, if cond never held.
+func WaitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
