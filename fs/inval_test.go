@@ -259,7 +259,8 @@ func TestListingNeverClones(t *testing.T) {
 // TestUnlinkedDeviceIsStale: a path operation that reaches a destroyed
 // or hidden node through an entry the kernel still caches gets ESTALE
 // (the kernel then walks the path again); a Getattr that names an open
-// handle still answers.
+// handle still answers. Each operation comes from a thread of its own, so
+// none is taken for the kernel's retry of another (TestStaleRetry).
 func TestUnlinkedDeviceIsStale(t *testing.T) {
 	c := newCacheTree(t)
 	n, err := c.reg.Lookup(context.Background(), "tun5")
@@ -267,29 +268,95 @@ func TestUnlinkedDeviceIsStale(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := &devNode{entry: entry{root: c.root, name: "tun5", typ: syscall.S_IFREG, store: n}, node: n}
-	ctx := &fuse.Context{Caller: fuse.Caller{Pid: uint32(os.Getpid())}}
+	tid := uint32(100)
+	ctx := func() *fuse.Context {
+		tid++
+		return &fuse.Context{Caller: fuse.Caller{Pid: tid}}
+	}
 	var out fuse.AttrOut
-	if e := d.Getattr(ctx, nil, &out); e != 0 {
+	if e := d.Getattr(ctx(), nil, &out); e != 0 {
 		t.Fatalf("Getattr of live tun5 = errno %d, want 0", e)
 	}
 	n.UpdateAttr(func(a *devnode.Attr) { a.Hidden = true })
-	if _, _, e := d.Open(ctx, uint32(os.O_RDWR)); e != syscall.ESTALE {
+	if _, _, e := d.Open(ctx(), uint32(os.O_RDWR)); e != syscall.ESTALE {
 		t.Errorf("Open of hidden tun5 = errno %d, want ESTALE", e)
 	}
 	n.UpdateAttr(func(a *devnode.Attr) { a.Hidden = false })
 	n.Destroy(context.Background())
 	defer n.Rel()
-	if _, _, e := d.Open(ctx, uint32(os.O_RDWR)); e != syscall.ESTALE {
+	if _, _, e := d.Open(ctx(), uint32(os.O_RDWR)); e != syscall.ESTALE {
 		t.Errorf("Open of destroyed tun5 = errno %d, want ESTALE", e)
 	}
-	if e := d.Getattr(ctx, nil, &out); e != syscall.ESTALE {
+	if e := d.Getattr(ctx(), nil, &out); e != syscall.ESTALE {
 		t.Errorf("Getattr by path of destroyed tun5 = errno %d, want ESTALE", e)
 	}
 	chmod := &fuse.SetAttrIn{SetAttrInCommon: fuse.SetAttrInCommon{Valid: fuse.FATTR_MODE, Mode: syscall.S_IFREG | 0644}}
-	if e := d.Setattr(ctx, nil, chmod, &out); e != syscall.ESTALE {
+	if e := d.Setattr(ctx(), nil, chmod, &out); e != syscall.ESTALE {
 		t.Errorf("chmod by path of destroyed tun5 = errno %d, want ESTALE", e)
 	}
-	if e := d.Getattr(ctx, struct{}{}, &out); e != 0 {
+	if e := d.Getattr(ctx(), struct{}{}, &out); e != 0 {
 		t.Errorf("Getattr naming a handle of destroyed tun5 = errno %d, want 0", e)
+	}
+	// The kernel's retry of an open (the same thread, the same name) that
+	// meets a destroyed node again gets ENXIO, as on FreeBSD's devfs.
+	retry := ctx()
+	if _, _, e := d.Open(retry, uint32(os.O_RDWR)); e != syscall.ESTALE {
+		t.Errorf("first Open of destroyed tun5 = errno %d, want ESTALE", e)
+	}
+	if _, _, e := d.Open(retry, uint32(os.O_RDWR)); e != syscall.ENXIO {
+		t.Errorf("retried Open of destroyed tun5 = errno %d, want ENXIO", e)
+	}
+}
+
+// TestStaleRetry: staleAnswers answers ESTALE, and the final errno to
+// the same thread's next stale answer for the same name within the
+// window; never remembers more than staleThreads threads; and always
+// answers ESTALE to a caller with no thread id.
+func TestStaleRetry(t *testing.T) {
+	now := time.Unix(1000, 0)
+	type ask struct {
+		tid   uint32
+		name  string
+		after time.Duration // the clock moves this far before the question
+		want  syscall.Errno
+	}
+	for _, tc := range []struct {
+		name string
+		asks []ask
+	}{
+		{"retry gets final", []ask{{7, "tun3", 0, syscall.ESTALE}, {7, "tun3", time.Millisecond, syscall.ENXIO}}},
+		{"the retry is forgotten", []ask{{7, "tun3", 0, syscall.ESTALE}, {7, "tun3", 0, syscall.ENXIO}, {7, "tun3", 0, syscall.ESTALE}}},
+		{"another thread", []ask{{7, "tun3", 0, syscall.ESTALE}, {8, "tun3", 0, syscall.ESTALE}, {7, "tun3", 0, syscall.ENXIO}}},
+		{"another name", []ask{{7, "tun3", 0, syscall.ESTALE}, {7, "tun4", 0, syscall.ESTALE}, {7, "tun4", 0, syscall.ENXIO}}},
+		{"past the window", []ask{{7, "tun3", 0, syscall.ESTALE}, {7, "tun3", staleRetryWindow, syscall.ESTALE}}},
+		{"no thread id", []ask{{0, "tun3", 0, syscall.ESTALE}, {0, "tun3", 0, syscall.ESTALE}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clock := now
+			s := newStaleAnswers(func() time.Time { return clock })
+			for i, a := range tc.asks {
+				clock = clock.Add(a.after)
+				if got := s.answer(a.tid, a.name, syscall.ENXIO); got != a.want {
+					t.Errorf("question %d (thread %d, %s, %v later) answered %v, want %v", i, a.tid, a.name, a.after, got, a.want)
+				}
+			}
+		})
+	}
+
+	clock := now
+	s := newStaleAnswers(func() time.Time { return clock })
+	for tid := uint32(1); tid <= staleThreads+10; tid++ {
+		s.answer(tid, "tun3", syscall.ENXIO)
+	}
+	if len(s.byThread) != staleThreads {
+		t.Errorf("%d threads remembered after %d asked, want the bound, %d", len(s.byThread), staleThreads+10, staleThreads)
+	}
+	if got := s.answer(staleThreads+5, "tun3", syscall.ENXIO); got != syscall.ESTALE {
+		t.Errorf("a thread that found the table full was answered %v on its retry, want ESTALE (not remembered)", got)
+	}
+	clock = clock.Add(staleRetryWindow)
+	s.answer(staleThreads+20, "tun3", syscall.ENXIO)
+	if got := s.answer(staleThreads+20, "tun3", syscall.ENXIO); got != syscall.ENXIO || len(s.byThread) != 0 {
+		t.Errorf("after the window: retry answered %v with %d threads remembered, want ENXIO and a table swept empty", got, len(s.byThread))
 	}
 }

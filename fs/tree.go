@@ -52,6 +52,9 @@ type Root struct {
 	userInos atomic.Uint64
 	// refusals logs refused actions at a bounded rate per caller (refuse.go).
 	refusals *refusalLog
+	// stale answers path operations that reach a destroyed node
+	// (stale.go).
+	stale *staleAnswers
 	// mount is the mount serving the tree (set by New before serving, and
 	// again by a remount): Revoked tells it, from any goroutine, so that
 	// READs its transport waits for outside the device end.
@@ -84,6 +87,7 @@ var (
 func NewRoot(reg *devnode.Registry, clones []string, cloneable func(string) bool, policy *privilege.Policy, log *slog.Logger) *Root {
 	r := &Root{reg: reg, log: log, policy: policy, cloneable: cloneable, clones: make(map[string]bool), mtime: time.Now()}
 	r.refusals = newRefusalLog(log, time.Now)
+	r.stale = newStaleAnswers(time.Now)
 	r.userInos.Store(userInoBase)
 	for _, c := range clones {
 		r.clones[c] = true
@@ -424,18 +428,25 @@ func (d *devNode) fill(a *fuse.Attr) {
 // stale reports whether d's device is no longer what its name resolves
 // to: a destroy unlinked it, or the rules hide it, and the kernel reached
 // it through a cached entry whose invalidation is still on its way
-// (invalidator). ESTALE makes the kernel walk the path again, revalidating
-// (LOOKUP_REVAL), and act on what the name is now: a new unit for a
-// privileged opener, ENOENT for anyone else. Only path operations answer
-// it; a handle's operations keep their ENXIO. (A walk of an empty path,
-// fstatat(AT_EMPTY_PATH) on an O_PATH fd, finds the same inode again, so
-// such a caller sees the ESTALE.)
+// (invalidator), or through a lookup that a destroy overtook. Only path
+// operations answer it (staleErrno); a handle's operations keep their
+// ENXIO.
 func (d *devNode) stale() bool { return !d.node.Linked() || d.node.Attr().Hidden }
+
+// staleErrno answers a path operation that reached d while stale: ESTALE,
+// which makes the kernel walk the path again, revalidating (LOOKUP_REVAL),
+// and act on what the name is now: a new unit for a privileged opener,
+// ENOENT for anyone else; or final, if this is that walk's operation and
+// it met a destroy too (staleAnswers). (An fstat of an O_PATH fd is not
+// a walk, and the kernel does not retry it: it gets ESTALE.)
+func (d *devNode) staleErrno(ctx context.Context, final syscall.Errno) syscall.Errno {
+	return d.root.stale.answer(caller(ctx).Pid, d.name, final)
+}
 
 // Getattr implements fs.NodeGetattrer.
 func (d *devNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	if f == nil && d.stale() {
-		return syscall.ESTALE
+		return d.staleErrno(ctx, syscall.ENOENT)
 	}
 	d.fill(&out.Attr)
 	return 0
@@ -445,17 +456,18 @@ func (d *devNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOu
 // must reach the node its name has now, not die with the old one.
 func (d *devNode) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
 	if _, byFh := in.GetFh(); !byFh && d.stale() {
-		return syscall.ESTALE
+		return d.staleErrno(ctx, syscall.ENOENT)
 	}
 	return d.entry.Setattr(ctx, f, in, out)
 }
 
 // Open implements fs.NodeOpener: an exclusive open of the device (like
 // tunopen()); EACCES if the mode does not let the caller in, EBUSY if it
-// is open, ENXIO if it is being destroyed, ESTALE once it is gone.
+// is open, ENXIO if it is being destroyed, ESTALE once it is gone (or
+// ENXIO, to the kernel's retry: staleErrno).
 func (d *devNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	if d.stale() {
-		return nil, 0, syscall.ESTALE
+		return nil, 0, d.staleErrno(ctx, syscall.ENXIO)
 	}
 	if e := d.checkOpen(ctx, flags); e != 0 {
 		return nil, 0, e
