@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -159,4 +160,56 @@ func fusectl(t *testing.T) string {
 	}
 	t.Cleanup(func() { unix.Unmount(ctl, unix.MNT_DETACH) })
 	return ctl
+}
+
+// TestFirstRequestsAfterInit: requests the kernel holds until INIT is
+// answered reach the daemon the moment the reply is written. Under the
+// race detector, the reader that serves one must see what go-fuse learnt
+// from INIT through the Go memory model, not only through the kernel's
+// ordering. Each mount has stats of its root waiting for INIT.
+func TestFirstRequestsAfterInit(t *testing.T) {
+	requireFuse(t)
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	const mounts, statters = 50, 4
+	served := 0 // stats answered by a mount
+	for range mounts {
+		reg := devnode.NewRegistry()
+		cloner.New(cloner.Tun, cloner.NewFake(), reg, 0, quiet)
+		root := NewRoot(reg, []string{"tun"}, func(string) bool { return true }, ownPolicy(t), quiet)
+		dir := t.TempDir()
+		var under unix.Stat_t
+		if err := unix.Stat(dir, &under); err != nil {
+			t.Fatal(err)
+		}
+		var stop atomic.Bool
+		done := make(chan int)
+		for range statters {
+			go func() {
+				n := 0
+				for !stop.Load() {
+					var st unix.Stat_t
+					if unix.Stat(dir, &st) == nil && st.Dev != under.Dev {
+						n++
+					}
+				}
+				done <- n
+			}()
+		}
+		m, err := New(dir, root, MountOptions{Log: quiet})
+		stop.Store(true)
+		for range statters {
+			served += <-done
+		}
+		reg.Shutdown(context.Background(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Unmount(); err != nil {
+			t.Error(err)
+		}
+		m.Close()
+	}
+	if served == 0 {
+		t.Errorf("no stat reached any of %d mounts: the test raced nothing", mounts)
+	}
 }

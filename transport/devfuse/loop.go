@@ -74,9 +74,7 @@ func Start(c *transport.Conn) (*Loop, error) {
 		b := make([]byte, 2*c.BufSize())
 		return &b
 	}
-	for range 2 {
-		l.spawn()
-	}
+	l.spawn() // serves INIT alone; it starts the second reader (reader)
 	go func() {
 		// spawn runs on a live reader only, so the count is never
 		// back at zero before the last reader stops.
@@ -126,10 +124,21 @@ func (l *Loop) reader() {
 				return
 			}
 		}
-		if l.idle.Add(-1) == 0 {
+		// INIT is served by the first reader alone, and the second is
+		// started once it is answered. The kernel sends nothing else
+		// before the reply, but what go-fuse learns from INIT (the
+		// kernel's settings, the negotiated flags) is read by every
+		// later request's parse, and the kernel's ordering of the reply
+		// before the next request is not one the Go memory model sees:
+		// the go statement that starts the second reader is.
+		isInit := fusewire.Opcode(in[:n]) == fusewire.OpInit
+		if l.idle.Add(-1) == 0 && !isInit {
 			l.spawn()
 		}
 		l.handle(w, in[:n], out)
+		if isInit {
+			l.spawn()
+		}
 		if l.idle.Add(1) > maxIdleReaders {
 			l.idle.Add(-1)
 			return
