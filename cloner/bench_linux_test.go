@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/devnode"
+	"github.com/cdevfs/cdevfs/internal/tunfd"
 	"golang.org/x/sys/unix"
 )
 
@@ -67,7 +68,7 @@ func BenchmarkLinuxClone(b *testing.B) {
 	b.ResetTimer()
 	for i := range b.N {
 		t0 := time.Now()
-		fd, err := ltOpenTun(fmt.Sprintf("nat%d", i), unix.IFF_TUN|unix.IFF_NO_PI)
+		fd, err := tunfd.Open(fmt.Sprintf("nat%d", i), unix.IFF_TUN|unix.IFF_NO_PI)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/cdevfs/cdevfs/internal/tunfd"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -197,15 +198,9 @@ func (b *Linux) tunSetIff(name string, flags uint16) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open /dev/net/tun: %w", err)
 	}
-	ifr, err := unix.NewIfreq(name)
-	if err != nil {
+	if err := tunfd.SetIff(fd, name, flags); err != nil {
 		unix.Close(fd)
 		return nil, err
-	}
-	ifr.SetUint16(flags)
-	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("TUNSETIFF %s: %w", name, err)
 	}
 	// The file is made while the fd blocks, so Go's poller does not take
 	// it, and only then made nonblocking (a read of an empty queue must

@@ -26,6 +26,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cdevfs/cdevfs/internal/tunfd"
 	"golang.org/x/sys/unix"
 )
 
@@ -148,7 +149,7 @@ func TestLinuxCreateMakesPersistentInterface(t *testing.T) {
 			}
 			// Attached exactly when asked: another opener gets EBUSY
 			// while our creating fd is kept.
-			fd, err := ltOpenTun(tc.name, tc.typ|unix.IFF_NO_PI)
+			fd, err := tunfd.Open(tc.name, tc.typ|unix.IFF_NO_PI)
 			if tc.attach {
 				if !errors.Is(err, unix.EBUSY) {
 					t.Errorf("independent TUNSETIFF while attached: %v, want EBUSY", err)
@@ -244,7 +245,7 @@ func TestLinuxCreateExistingNameFailsAndLeavesDeviceUntouched(t *testing.T) {
 				t.Errorf("tun_flags %#x -> %#x", flagsBefore, got)
 			}
 			// Not left attached to a stray fd of ours.
-			fd, err := ltOpenTun(tc.name, tc.tun|unix.IFF_NO_PI)
+			fd, err := tunfd.Open(tc.name, tc.tun|unix.IFF_NO_PI)
 			if err != nil {
 				t.Errorf("independent TUNSETIFF after the failed Create: %v", err)
 			} else {
@@ -283,7 +284,7 @@ func TestLinuxAttachDetach(t *testing.T) {
 	if err := l.Attach(ctx); err != nil {
 		t.Fatalf("second Attach (a no-op): %v", err)
 	}
-	if fd, err := ltOpenTun(name, unix.IFF_TUN|unix.IFF_NO_PI); !errors.Is(err, unix.EBUSY) {
+	if fd, err := tunfd.Open(name, unix.IFF_TUN|unix.IFF_NO_PI); !errors.Is(err, unix.EBUSY) {
 		if fd >= 0 {
 			unix.Close(fd)
 		}
@@ -308,7 +309,7 @@ func TestLinuxAttachDetach(t *testing.T) {
 	}
 
 	// Someone else attached: our Attach is EBUSY, theirs undisturbed.
-	fd, err := ltOpenTun(name, unix.IFF_TUN|unix.IFF_NO_PI)
+	fd, err := tunfd.Open(name, unix.IFF_TUN|unix.IFF_NO_PI)
 	if err != nil {
 		t.Fatalf("independent TUNSETIFF after Detach: %v", err)
 	}
@@ -588,7 +589,7 @@ func TestLinuxAttachFollowsRename(t *testing.T) {
 		if ltLinkExists(name) {
 			t.Fatalf("Attach after rename created a new %s", name)
 		}
-		if fd, err := ltOpenTun(renamed, unix.IFF_TUN|unix.IFF_NO_PI); !errors.Is(err, unix.EBUSY) {
+		if fd, err := tunfd.Open(renamed, unix.IFF_TUN|unix.IFF_NO_PI); !errors.Is(err, unix.EBUSY) {
 			if fd >= 0 {
 				unix.Close(fd)
 			}
@@ -644,7 +645,7 @@ func TestLinuxAttachRefusesReplacedInterface(t *testing.T) {
 	if got := ltTunFlags(t, b, sys, name); got != flags {
 		t.Errorf("tun_flags of the other %s: %#x -> %#x", name, flags, got)
 	}
-	fd, err := ltOpenTun(name, unix.IFF_TUN|unix.IFF_NO_PI)
+	fd, err := tunfd.Open(name, unix.IFF_TUN|unix.IFF_NO_PI)
 	if err != nil {
 		t.Errorf("the other %s was left attached: %v", name, err)
 	} else {

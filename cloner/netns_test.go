@@ -230,26 +230,6 @@ func ltTunFlags(t testing.TB, b *Linux, sys, name string) uint16 {
 	return uint16(v)
 }
 
-// ltOpenTun attaches a fresh /dev/net/tun fd to name the way an
-// independent program does: TUNSETIFF without IFF_TUN_EXCL.
-func ltOpenTun(name string, flags uint16) (int, error) {
-	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return -1, err
-	}
-	ifr, err := unix.NewIfreq(name)
-	if err != nil {
-		unix.Close(fd)
-		return -1, err
-	}
-	ifr.SetUint16(flags)
-	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
-		unix.Close(fd)
-		return -1, err
-	}
-	return fd, nil
-}
-
 // ltFdCount is the number of open file descriptors of this process.
 func ltFdCount(t testing.TB) (int, map[string]string) {
 	t.Helper()

@@ -37,6 +37,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cdevfs/cdevfs/internal/tunfd"
 	"golang.org/x/sys/unix"
 )
 
@@ -251,7 +252,7 @@ func run(c *config) (err error) {
 		}
 		for i := range n {
 			t0 := time.Now()
-			fd, err := tunOpen(fmt.Sprintf("nclone%d", done+i), unix.IFF_TUN|unix.IFF_NO_PI)
+			fd, err := tunfd.Open(fmt.Sprintf("nclone%d", done+i), unix.IFF_TUN|unix.IFF_NO_PI)
 			if err != nil {
 				return err
 			}
@@ -332,7 +333,7 @@ func run(c *config) (err error) {
 
 	// The packet links: a native tun and a cdevfs unit (tun0, made by the
 	// first clone above), each on its own /24.
-	nfd, err := tunOpen("nbench", unix.IFF_TUN|unix.IFF_NO_PI)
+	nfd, err := tunfd.Open("nbench", unix.IFF_TUN|unix.IFF_NO_PI)
 	if err != nil {
 		return err
 	}
@@ -426,7 +427,7 @@ func run(c *config) (err error) {
 	// Open/close of an existing node: cdevfs tun0 against TUNSETIFF
 	// attaching to a persistent native interface.
 	unix.Close(cfd)
-	pfd, err := tunOpen("npersist", unix.IFF_TUN|unix.IFF_NO_PI)
+	pfd, err := tunfd.Open("npersist", unix.IFF_TUN|unix.IFF_NO_PI)
 	if err != nil {
 		return err
 	}
@@ -438,7 +439,7 @@ func run(c *config) (err error) {
 	for range 2 {
 		t0 := time.Now()
 		for range c.openClose / 2 {
-			fd, err := tunOpen("npersist", unix.IFF_TUN|unix.IFF_NO_PI)
+			fd, err := tunfd.Open("npersist", unix.IFF_TUN|unix.IFF_NO_PI)
 			if err != nil {
 				return err
 			}
@@ -539,7 +540,7 @@ func timeLastOpen(mnt, name string) (fuse, native float64, err error) {
 		time.Sleep(2 * time.Millisecond)
 		for {
 			t0 := time.Now()
-			fd, err = tunOpen(name, unix.IFF_TUN|unix.IFF_NO_PI)
+			fd, err = tunfd.Open(name, unix.IFF_TUN|unix.IFF_NO_PI)
 			d = time.Since(t0)
 			if err == nil {
 				break

@@ -11,25 +11,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// tunOpen opens /dev/net/tun (blocking) and binds it with TUNSETIFF.
-func tunOpen(name string, flags uint16) (int, error) {
-	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return -1, err
-	}
-	ifr, err := unix.NewIfreq(name)
-	if err != nil {
-		unix.Close(fd)
-		return -1, err
-	}
-	ifr.SetUint16(flags)
-	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("TUNSETIFF %s: %w", name, err)
-	}
-	return fd, nil
-}
-
 // gifname asks a cdevfs device for its interface name (TUNGIFNAME).
 func gifname(fd int) (string, error) {
 	var ifr [bsdtun.IfreqSize]byte

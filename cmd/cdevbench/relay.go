@@ -22,6 +22,7 @@ import (
 	"unsafe"
 
 	"github.com/cdevfs/cdevfs/internal/fusewire"
+	"github.com/cdevfs/cdevfs/internal/tunfd"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
@@ -116,21 +117,23 @@ func (r *relayProc) stop() {
 // relayMount creates the tun interface ifname (its fd nonblocking), opens
 // /dev/fuse and mounts it on dir.
 func relayMount(ifname, dir string) (tfd, ffd int, err error) {
-	tfd, err = unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	tfd, err = tunfd.Open(ifname, unix.IFF_TUN|unix.IFF_NO_PI)
 	if err != nil {
 		return -1, -1, err
 	}
-	ifr, _ := unix.NewIfreq(ifname)
-	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI)
-	if err := unix.IoctlIfreq(tfd, unix.TUNSETIFF, ifr); err != nil {
-		return -1, -1, fmt.Errorf("TUNSETIFF: %w", err)
+	if err := unix.SetNonblock(tfd, true); err != nil {
+		unix.Close(tfd)
+		return -1, -1, err
 	}
 	ffd, err = unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
+		unix.Close(tfd)
 		return -1, -1, err
 	}
 	data := fmt.Sprintf("fd=%d,rootmode=40000,user_id=0,group_id=0,max_read=131072", ffd)
 	if err := unix.Mount("relay", dir, "fuse.relay", unix.MS_NOSUID|unix.MS_NODEV, data); err != nil {
+		unix.Close(ffd)
+		unix.Close(tfd)
 		return -1, -1, fmt.Errorf("mount: %w", err)
 	}
 	return tfd, ffd, nil
