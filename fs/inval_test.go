@@ -306,6 +306,26 @@ func TestUnlinkedDeviceIsStale(t *testing.T) {
 	if _, _, e := d.Open(retry, uint32(os.O_RDWR)); e != syscall.ENXIO {
 		t.Errorf("retried Open of destroyed tun5 = errno %d, want ENXIO", e)
 	}
+	// An open that gets past the check ends its call: the thread's next
+	// stale open is a call of its own, answered ESTALE.
+	n6, err := c.reg.Lookup(context.Background(), "tun6")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n6.Rel()
+	live := &devNode{entry: entry{root: c.root, name: "tun6", typ: syscall.S_IFREG, store: n6}, node: n6}
+	next := ctx()
+	if _, _, e := d.Open(next, uint32(os.O_RDWR)); e != syscall.ESTALE {
+		t.Errorf("first Open of destroyed tun5 = errno %d, want ESTALE", e)
+	}
+	h, _, e := live.Open(next, uint32(os.O_RDWR))
+	if e != 0 {
+		t.Fatalf("Open of live tun6 = errno %d, want 0", e)
+	}
+	h.(*handle).Release(context.Background())
+	if _, _, e := d.Open(next, uint32(os.O_RDWR)); e != syscall.ESTALE {
+		t.Errorf("Open of destroyed tun5 after the same thread opened tun6 = errno %d, want ESTALE (a new call)", e)
+	}
 }
 
 // TestStaleRetry: staleAnswers answers ESTALE, and the final errno to
@@ -315,27 +335,34 @@ func TestUnlinkedDeviceIsStale(t *testing.T) {
 func TestStaleRetry(t *testing.T) {
 	now := time.Unix(1000, 0)
 	type ask struct {
-		tid   uint32
-		name  string
-		after time.Duration // the clock moves this far before the question
-		want  syscall.Errno
+		tid    uint32
+		name   string
+		after  time.Duration // the clock moves this far before the question
+		want   syscall.Errno
+		forget bool // not a question: tid's open got past the stale check
 	}
 	for _, tc := range []struct {
 		name string
 		asks []ask
 	}{
-		{"retry gets final", []ask{{7, "tun3", 0, syscall.ESTALE}, {7, "tun3", time.Millisecond, syscall.ENXIO}}},
-		{"the retry is forgotten", []ask{{7, "tun3", 0, syscall.ESTALE}, {7, "tun3", 0, syscall.ENXIO}, {7, "tun3", 0, syscall.ESTALE}}},
-		{"another thread", []ask{{7, "tun3", 0, syscall.ESTALE}, {8, "tun3", 0, syscall.ESTALE}, {7, "tun3", 0, syscall.ENXIO}}},
-		{"another name", []ask{{7, "tun3", 0, syscall.ESTALE}, {7, "tun4", 0, syscall.ESTALE}, {7, "tun4", 0, syscall.ENXIO}}},
-		{"past the window", []ask{{7, "tun3", 0, syscall.ESTALE}, {7, "tun3", staleRetryWindow, syscall.ESTALE}}},
-		{"no thread id", []ask{{0, "tun3", 0, syscall.ESTALE}, {0, "tun3", 0, syscall.ESTALE}}},
+		{"retry gets final", []ask{{7, "tun3", 0, syscall.ESTALE, false}, {7, "tun3", time.Millisecond, syscall.ENXIO, false}}},
+		{"the retry is forgotten", []ask{{7, "tun3", 0, syscall.ESTALE, false}, {7, "tun3", 0, syscall.ENXIO, false}, {7, "tun3", 0, syscall.ESTALE, false}}},
+		{"another thread", []ask{{7, "tun3", 0, syscall.ESTALE, false}, {8, "tun3", 0, syscall.ESTALE, false}, {7, "tun3", 0, syscall.ENXIO, false}}},
+		{"another name", []ask{{7, "tun3", 0, syscall.ESTALE, false}, {7, "tun4", 0, syscall.ESTALE, false}, {7, "tun4", 0, syscall.ENXIO, false}}},
+		{"past the window", []ask{{7, "tun3", 0, syscall.ESTALE, false}, {7, "tun3", staleRetryWindow, syscall.ESTALE, false}}},
+		{"no thread id", []ask{{0, "tun3", 0, syscall.ESTALE, false}, {0, "tun3", 0, syscall.ESTALE, false}}},
+		{"an open past the check ends the call", []ask{{7, "tun3", 0, syscall.ESTALE, false}, {7, "", 0, 0, true}, {7, "tun3", 0, syscall.ESTALE, false}}},
+		{"another thread's open", []ask{{7, "tun3", 0, syscall.ESTALE, false}, {8, "", 0, 0, true}, {7, "tun3", 0, syscall.ENXIO, false}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			clock := now
 			s := newStaleAnswers(func() time.Time { return clock })
 			for i, a := range tc.asks {
 				clock = clock.Add(a.after)
+				if a.forget {
+					s.forget(a.tid)
+					continue
+				}
 				if got := s.answer(a.tid, a.name, syscall.ENXIO); got != a.want {
 					t.Errorf("question %d (thread %d, %s, %v later) answered %v, want %v", i, a.tid, a.name, a.after, got, a.want)
 				}

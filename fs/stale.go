@@ -2,6 +2,7 @@ package fs
 
 import (
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -20,11 +21,14 @@ import (
 //
 // The kernel passes the caller's thread id, and a thread makes one system
 // call at a time, so a second stale answer for the same thread and name
-// within staleRetryWindow is that call's retry. A later call of the same
-// thread that meets another destroy of the same name inside the window is
-// answered as the retry would be: a race with a destroy, told as one. A
-// caller outside the daemon's pid namespace has thread id 0 and is always
-// answered ESTALE.
+// within staleRetryWindow is that call's retry. An open that gets past
+// the check (its retry found a live node) ends the call, and the thread
+// is forgotten; a stat or chmod that does is not told apart from the
+// GETATTR of an open's permission check, so its thread is remembered for
+// the window, and a later call of it that meets another destroy of the
+// same name inside the window is answered as a retry: a race with a
+// destroy, told as one. A caller outside the daemon's pid namespace has
+// thread id 0 and is always answered ESTALE.
 const (
 	staleRetryWindow = time.Second
 	// staleThreads bounds the threads remembered (about 64 kB): any
@@ -38,6 +42,11 @@ const (
 // answered. It is safe for concurrent use.
 type staleAnswers struct {
 	now func() time.Time
+
+	// remembered is len(byThread), read without mu so that an open
+	// forgets its thread at the cost of an atomic load while none is
+	// remembered.
+	remembered atomic.Int32
 
 	mu sync.Mutex
 	// byThread is, per thread id, the name it was last answered ESTALE
@@ -70,7 +79,7 @@ func (s *staleAnswers) answer(tid uint32, name string, final syscall.Errno) sysc
 	defer s.mu.Unlock()
 	last, known := s.byThread[tid]
 	if known && last.name == name && now.Sub(last.at) < staleRetryWindow {
-		delete(s.byThread, tid)
+		s.deleteLocked(tid)
 		return final
 	}
 	if !known && len(s.byThread) >= staleThreads {
@@ -83,7 +92,25 @@ func (s *staleAnswers) answer(tid uint32, name string, final syscall.Errno) sysc
 		}
 	}
 	s.byThread[tid] = staleAnswer{name: name, at: now}
+	s.remembered.Store(int32(len(s.byThread)))
 	return syscall.ESTALE
+}
+
+// forget ends what is remembered of thread tid: its system call got past
+// the stale check.
+func (s *staleAnswers) forget(tid uint32) {
+	if s.remembered.Load() == 0 {
+		return
+	}
+	s.mu.Lock()
+	s.deleteLocked(tid)
+	s.mu.Unlock()
+}
+
+// deleteLocked forgets thread tid. s.mu must be held.
+func (s *staleAnswers) deleteLocked(tid uint32) {
+	delete(s.byThread, tid)
+	s.remembered.Store(int32(len(s.byThread)))
 }
 
 // sweepLocked forgets the answers older than the retry window. s.mu must
@@ -92,7 +119,7 @@ func (s *staleAnswers) sweepLocked(now time.Time) {
 	s.swept = now
 	for tid, a := range s.byThread {
 		if now.Sub(a.at) >= staleRetryWindow {
-			delete(s.byThread, tid)
+			s.deleteLocked(tid)
 		}
 	}
 }

@@ -469,6 +469,7 @@ func (d *devNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32
 	if d.stale() {
 		return nil, 0, d.staleErrno(ctx, syscall.ENXIO)
 	}
+	d.root.stale.forget(caller(ctx).Pid) // its call got past the check (staleAnswers)
 	if e := d.checkOpen(ctx, flags); e != 0 {
 		return nil, 0, e
 	}
