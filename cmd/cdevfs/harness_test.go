@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"github.com/cdevfs/cdevfs/internal/testenv"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 )
 
 var (
@@ -212,17 +214,37 @@ func (d *daemon) stop() {
 	}
 }
 
+// netns opens the daemon's network namespace, held past the daemon's
+// exit until the test ends.
+func (d *daemon) netns() *os.File {
+	d.t.Helper()
+	ns, err := os.Open("/proc/" + strconv.Itoa(d.cmd.Process.Pid) + "/ns/net")
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.t.Cleanup(func() { ns.Close() })
+	return ns
+}
+
+// netlink returns a netlink handle in the daemon's network namespace,
+// closed when the test ends.
+func (d *daemon) netlink() *netlink.Handle {
+	d.t.Helper()
+	nl, err := netlink.NewHandleAt(netns.NsHandle(d.netns().Fd()))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.t.Cleanup(nl.Close)
+	return nl
+}
+
 // holdNetns keeps the daemon's network namespace alive past the daemon's
 // exit, until the test ends, and returns what lists its links then
 // (`ip -o link show`).
 func (d *daemon) holdNetns() func() string {
 	t := d.t
 	t.Helper()
-	ns, err := os.Open("/proc/" + strconv.Itoa(d.cmd.Process.Pid) + "/ns/net")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Close() })
+	ns := d.netns()
 	return func() string {
 		t.Helper()
 		cmd := exec.Command("nsenter", "--net=/proc/self/fd/3", "ip", "-o", "link", "show")

@@ -34,7 +34,6 @@ import (
 	"github.com/cdevfs/cdevfs/cloner"
 	"github.com/cdevfs/cdevfs/internal/testenv"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -111,17 +110,8 @@ type stress struct {
 func runStress(t *testing.T, dur time.Duration, uring bool, flags []string) {
 	d := startDaemon(t, append(flags, "--max-unit", strconv.Itoa(stressMaxUnit))...)
 	pid := d.cmd.Process.Pid
-	ns, err := os.Open("/proc/" + strconv.Itoa(pid) + "/ns/net")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Held past the daemon's exit: what it left is checked after it.
-	t.Cleanup(func() { ns.Close() })
-	nl, err := netlink.NewHandleAt(netns.NsHandle(ns.Fd()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nl.Close()
+	ns := d.netns() // held past the daemon's exit: what it left is checked after it
+	nl := d.netlink()
 	s := &stress{t: t, d: d, mark: cloner.MarkPrefix + d.dir, ns: ns, nl: nl, uring: uring, abort: make(chan struct{})}
 
 	fds0 := countFDs(t, pid)
