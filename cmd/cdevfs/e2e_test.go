@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -438,5 +439,72 @@ func TestCachedEntryFollowsDestroy(t *testing.T) {
 	t.Logf("nobody's tun3 gone %v after ip link del", time.Since(deleted))
 	if st := statOf(t, tun3); st.Ino == old.Ino {
 		t.Errorf("root's stat of tun3 after the destroy: ino %d, the destroyed node's; want a new unit", st.Ino)
+	}
+}
+
+// TestOpenRacingDestroyIsNeverStale: opens of units by name racing their
+// destroys get what a race with a destroy gets on FreeBSD (the node, or
+// EBUSY, ENXIO, ENOENT; EINTR when the runtime's signals interrupt the
+// open), never ESTALE. The daemon answers ESTALE to an operation that
+// reached a destroyed node so that the kernel walks the path again; the
+// kernel does that once, and a retry that meets a destroy again must not
+// pass a second ESTALE on. The race is rare (a destroy between the
+// retry's LOOKUP and its OPEN), so a run catches a daemon that lets the
+// second ESTALE through only some of the time.
+func TestOpenRacingDestroyIsNeverStale(t *testing.T) {
+	const openers, deleters, dur = 4, 2, 10 * time.Second
+	d := startDaemon(t)
+	nl := d.netlink()
+	names := []string{"tun0", "tun1"}
+	end := time.Now().Add(dur)
+	var mu sync.Mutex
+	outcomes := map[string]int{}
+	add := func(local map[string]int) {
+		mu.Lock()
+		defer mu.Unlock()
+		for k, v := range local {
+			outcomes[k] += v
+		}
+	}
+	var wg sync.WaitGroup
+	for i := range openers {
+		wg.Go(func() {
+			local := map[string]int{}
+			defer add(local)
+			for k := i; time.Now().Before(end); k++ {
+				name := names[k%len(names)]
+				fd, err := syscall.Open(d.path(name), syscall.O_RDWR|syscall.O_CLOEXEC, 0)
+				switch err {
+				case nil:
+					syscall.Close(fd)
+					local["open ok"]++
+				case syscall.EBUSY, syscall.ENXIO, syscall.ENOENT, syscall.EINTR:
+					local["open "+err.Error()]++
+				default:
+					local["open FAILED "+err.Error()]++
+					t.Errorf("open %s: %v, want success or EBUSY, ENXIO, ENOENT, EINTR", name, err)
+				}
+			}
+		})
+	}
+	for i := range deleters {
+		wg.Go(func() {
+			local := map[string]int{}
+			defer add(local)
+			for time.Now().Before(end) {
+				l, err := nl.LinkByName(names[i%len(names)])
+				if err != nil {
+					continue
+				}
+				if err := nl.LinkDel(l); err == nil {
+					local["ip link del ok"]++
+				}
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d openers and %d deleters for %v: %v", openers, deleters, dur, outcomes)
+	if outcomes["ip link del ok"] == 0 || outcomes["open ok"] == 0 {
+		t.Errorf("nothing raced: %v", outcomes)
 	}
 }
