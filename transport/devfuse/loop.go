@@ -109,20 +109,18 @@ func (l *Loop) reader() {
 	for {
 		n, err := syscall.Read(l.fd, in)
 		if err != nil {
-			switch readOutcome(err) {
-			case readAgain:
+			outcome := readOutcome(err)
+			if outcome == readAgain {
 				continue
-			case readEnded:
-				l.idle.Add(-1)
-				l.waits.endAll()
-				l.c.End(nil)
-				return
-			default:
-				l.idle.Add(-1)
-				l.waits.endAll()
-				l.c.End(fmt.Errorf("read /dev/fuse: %w", err))
-				return
 			}
+			var why error // nil: the kernel ended the connection
+			if outcome == readFailed {
+				why = fmt.Errorf("read /dev/fuse: %w", err)
+			}
+			l.idle.Add(-1)
+			l.waits.endAll()
+			l.c.End(why)
+			return
 		}
 		// INIT is served by the first reader alone, and the second is
 		// started once it is answered. The kernel sends nothing else
@@ -135,8 +133,9 @@ func (l *Loop) reader() {
 		if l.idle.Add(-1) == 0 && !isInit {
 			l.spawn()
 		}
-		l.handle(w, in[:n], out)
+		reply := l.handle(w, in[:n], out)
 		if isInit {
+			l.c.InitAnswered(out[:reply])
 			l.spawn()
 		}
 		if l.idle.Add(1) > maxIdleReaders {
@@ -146,12 +145,12 @@ func (l *Loop) reader() {
 	}
 }
 
-// handle serves one request read from /dev/fuse and writes its reply. A
-// READ that must wait for a packet waits on w (wait.go), and an INTERRUPT
-// for it ends that wait.
-func (l *Loop) handle(w *waiter, in, out []byte) {
+// handle serves one request read from /dev/fuse, writes its reply and
+// returns the reply's length (0: none). A READ that must wait for a
+// packet waits on w (wait.go), and an INTERRUPT for it ends that wait.
+func (l *Loop) handle(w *waiter, in, out []byte) int {
 	if ir := fusewire.View[fuse.InterruptIn](in); ir != nil && ir.Opcode == fusewire.OpInterrupt && l.waits.interrupt(ir.Unique) {
-		return // an INTERRUPT has no reply
+		return 0 // an INTERRUPT has no reply
 	}
 	n, blocked := l.c.Serve(in, out, false)
 	if blocked {
@@ -163,9 +162,7 @@ func (l *Loop) handle(w *waiter, in, out []byte) {
 		// kernel's: ENOENT for a request no longer waited for.
 		_, _ = unix.Write(l.fd, out[:n])
 	}
-	if fusewire.Opcode(in) == fusewire.OpInit {
-		l.c.InitAnswered(out[:n])
-	}
+	return n
 }
 
 // What a failed read of /dev/fuse means.
